@@ -1,0 +1,44 @@
+# Two commands on a fresh Debian/Ubuntu machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := git mosquitto haproxy
+
+.PHONY: system venv demo test lint bench clean
+
+# System packages (git, Mosquitto, HAProxy) when something is missing; needs root or sudo.
+system:
+	@missing=""; for cmd in git mosquitto haproxy; do \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$cmd"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    $(SYSTEM_PACKAGES) python3-venv >/dev/null; \
+	  $$SUDO systemctl disable --now mosquitto haproxy >/dev/null 2>&1 || true; \
+	fi
+
+$(BIN)/deploy-agent: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: system $(BIN)/deploy-agent
+
+demo: venv
+	$(BIN)/python examples/demo.py
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .demo build *.egg-info

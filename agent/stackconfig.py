@@ -1,0 +1,88 @@
+"""A typed view of the stack configuration (the OpsWorks "Custom JSON" equivalent).
+
+It takes the keys of the OpsWorks Plone cookbook (``plone_instances.*``, ``deploy.<app>.*``)
+so Custom JSON from an OpsWorks stack works as it is. Unknown keys are kept, not refused:
+a Custom JSON carries keys for other cookbooks too, and they all go into ``[stack_config]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import ConfigError
+
+
+class Loose(BaseModel):
+    """Tolerant of extra keys, strict on the types of the keys we use."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+
+class ZeoSettings(Loose):
+    address: str | None = None
+
+
+class BrokerSettings(Loose):
+    host: str | None = None
+    port: int = Field(default=6379, ge=1, le=65535)
+
+
+class PloneInstances(Loose):
+    base_config: str = "cfg/base.cfg"
+    per_cpu: float = Field(default=2, gt=0)
+    instance_count: int | None = Field(default=None, ge=1, le=256)
+    client_memory_mb: int | None = Field(default=None, ge=1)
+    base_port: int = Field(default=8080, ge=1, le=65000)
+    restart_delay: float = Field(default=0, ge=0, le=3600)
+    zeo_layer: str = "zeoserver"
+    zeo: ZeoSettings = Field(default_factory=ZeoSettings)
+    zodb_cache_size: int | None = None
+    zserver_threads: int | None = None
+    persistent_cache: bool = True
+    solr_enabled: bool = False
+    solr_layer: str = "solr"
+    solr_host: str | None = None
+    enable_celery: bool = False
+    broker_layer: str = "celery_broker"
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+
+
+class AppDeploySettings(Loose):
+    always_buildout_on_deploy: bool = False
+    environment: dict[str, str] = Field(default_factory=dict)
+    buildout_extends: list[str] = Field(default_factory=list)
+    buildout_parts_to_include: list[str] = Field(default_factory=list)
+    buildout_additional_config: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cookbook_spelling(cls, data: Any) -> Any:
+        """The cookbook's code reads ``always_build_on_deploy``, its docs say
+        ``always_buildout_on_deploy``: both mean the same."""
+        if isinstance(data, dict) and "always_build_on_deploy" in data:
+            data = dict(data)
+            legacy = data.pop("always_build_on_deploy")
+            data.setdefault("always_buildout_on_deploy", legacy)
+        return data
+
+
+class StackSettings(Loose):
+    plone_instances: PloneInstances = Field(default_factory=PloneInstances)
+    deploy: dict[str, AppDeploySettings] = Field(default_factory=dict)
+
+    def app(self, name: str) -> AppDeploySettings:
+        return self.deploy.get(name) or AppDeploySettings()
+
+
+def stack_settings(data: dict[str, Any]) -> StackSettings:
+    """Validate the stack configuration; a wrong type names the key path."""
+    try:
+        return StackSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            "stack_config." + ".".join(str(p) for p in item["loc"]) + ": " + item["msg"]
+            for item in exc.errors()
+        ]
+        raise ConfigError("invalid stack configuration", problems) from None

@@ -1,0 +1,94 @@
+"""Loading and validating the agent configuration file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config, parse_config
+from agent.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_example_configuration_is_valid():
+    config = load_config(REPO / "config" / "agent.example.yaml")
+    assert config.stack == "mysite"
+    app = config.apps["mysite"]
+    assert app.shared_dirs == ["var/filestorage", "var/blobstorage", "var/log"]
+    assert app.restart.programs == ["client*"]
+
+
+def test_defaults_fill_what_is_left_out():
+    config = parse_config({"stack": "s", "apps": {"a": {"repository": "/r.git"}}})
+    app = config.apps["a"]
+    assert app.branch == "main" and app.keep_releases == 5
+    assert app.buildout.command == ["bin/buildout", "-c", "deploy.cfg"]
+    assert app.restart.on_failure == "halt"
+    assert config.broker is None and config.supervisor is None
+
+
+def test_every_problem_is_reported_with_its_key_path():
+    with pytest.raises(ConfigError) as info:
+        parse_config({
+            "stack": "bad stack/name",
+            "apps": {"a": {"repository": "/r", "keep_releases": 0, "shared_dirs": ["../etc"],
+                           "restart": {"strategy": "sometimes"}, "colour": "blue"}},
+            "broker": {"port": 99999},
+        })
+    problems = "\n".join(info.value.problems)
+    for path in ("stack", "apps.a.keep_releases", "apps.a.shared_dirs", "apps.a.colour",
+                 "apps.a.restart.strategy", "broker.port"):
+        assert path in problems
+    assert "unknown key" in problems
+
+
+@pytest.mark.parametrize("ref", ["--upload-pack=touch /tmp/x", "-b", "a b", "x\ny"])
+def test_branch_or_revision_that_could_be_a_git_option_is_refused(ref):
+    with pytest.raises(ConfigError, match="not a valid git"):
+        parse_config({"stack": "s", "apps": {"a": {"repository": "/r", "revision": ref}}})
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "agent.yaml").write_text(
+        "stack: s\npaths: {root: srv, state: state}\n"
+        "security: {trusted_keys: [keys/alice.pub]}\n")
+    config = load_config(tmp_path / "agent.yaml")
+    assert config.paths.root == tmp_path / "srv"
+    assert config.security.trusted_keys == [tmp_path / "keys" / "alice.pub"]
+
+
+def test_broken_yaml_is_a_config_error_not_a_traceback(tmp_path):
+    (tmp_path / "agent.yaml").write_text("stack: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "agent.yaml")
+
+
+def test_unknown_app_names_the_configured_ones():
+    config = parse_config({"stack": "s", "apps": {"a": {"repository": "/r"}}})
+    with pytest.raises(ConfigError, match="unknown app 'b' .*configured apps: a"):
+        config.app("b")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_config_check_exits_0_on_a_good_file():
+    result = run_cli("config", "check", "config/agent.example.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_config_check_exits_2_and_lists_problems(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stack: s\napps:\n  a: {repository: /r, keep_releases: many}\nextra: 1\n")
+    result = run_cli("config", "check", str(bad))
+    assert result.returncode == 2
+    assert "apps.a.keep_releases" in result.stderr
+    assert "extra: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
