@@ -16,7 +16,9 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-SECRET_KEY = re.compile(r"pass(word)?|secret|token|private|credential|signature", re.I)
+SECRET_KEY = re.compile(
+    r"(^|_)(pass|passwd|password|secret|token|credentials?|private_key|signature|pem)($|_)", re.I
+)
 REDACTED = "[redacted]"
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
 

@@ -40,8 +40,12 @@ async def test_failure_raises_with_exit_status_and_output_tail(tmp_path):
 
 async def test_failed_bootstrap_stops_before_buildout(tmp_path):
     with pytest.raises(BuildoutFailed) as info:
-        await run_buildout(tmp_path, bootstrap=[[PY, "-c", "raise SystemExit(1)"]],
-                           command=[PY, "-c", "open('ran', 'w')"], timeout=30)
+        await run_buildout(
+            tmp_path,
+            bootstrap=[[PY, "-c", "raise SystemExit(1)"]],
+            command=[PY, "-c", "open('ran', 'w')"],
+            timeout=30,
+        )
     assert info.value.step == "bootstrap[0]"
     assert not (tmp_path / "ran").exists()
 

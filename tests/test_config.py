@@ -33,15 +33,30 @@ def test_defaults_fill_what_is_left_out():
 
 def test_every_problem_is_reported_with_its_key_path():
     with pytest.raises(ConfigError) as info:
-        parse_config({
-            "stack": "bad stack/name",
-            "apps": {"a": {"repository": "/r", "keep_releases": 0, "shared_dirs": ["../etc"],
-                           "restart": {"strategy": "sometimes"}, "colour": "blue"}},
-            "broker": {"port": 99999},
-        })
+        parse_config(
+            {
+                "stack": "bad stack/name",
+                "apps": {
+                    "a": {
+                        "repository": "/r",
+                        "keep_releases": 0,
+                        "shared_dirs": ["../etc"],
+                        "restart": {"strategy": "sometimes"},
+                        "colour": "blue",
+                    }
+                },
+                "broker": {"port": 99999},
+            }
+        )
     problems = "\n".join(info.value.problems)
-    for path in ("stack", "apps.a.keep_releases", "apps.a.shared_dirs", "apps.a.colour",
-                 "apps.a.restart.strategy", "broker.port"):
+    for path in (
+        "stack",
+        "apps.a.keep_releases",
+        "apps.a.shared_dirs",
+        "apps.a.colour",
+        "apps.a.restart.strategy",
+        "broker.port",
+    ):
         assert path in problems
     assert "unknown key" in problems
 
@@ -54,8 +69,8 @@ def test_branch_or_revision_that_could_be_a_git_option_is_refused(ref):
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     (tmp_path / "agent.yaml").write_text(
-        "stack: s\npaths: {root: srv, state: state}\n"
-        "security: {trusted_keys: [keys/alice.pub]}\n")
+        "stack: s\npaths: {root: srv, state: state}\nsecurity: {trusted_keys: [keys/alice.pub]}\n"
+    )
     config = load_config(tmp_path / "agent.yaml")
     assert config.paths.root == tmp_path / "srv"
     assert config.security.trusted_keys == [tmp_path / "keys" / "alice.pub"]
@@ -69,13 +84,18 @@ def test_broken_yaml_is_a_config_error_not_a_traceback(tmp_path):
 
 def test_unknown_app_names_the_configured_ones():
     config = parse_config({"stack": "s", "apps": {"a": {"repository": "/r"}}})
-    with pytest.raises(ConfigError, match="unknown app 'b' .*configured apps: a"):
+    with pytest.raises(ConfigError, match=r"unknown app 'b' .*configured apps: a"):
         config.app("b")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def test_config_check_exits_0_on_a_good_file():

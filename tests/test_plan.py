@@ -23,8 +23,16 @@ CFG = b"[buildout]\n"
     ],
 )
 def test_decide_reports_why_a_release_is_built(target, deployed, new, old, always, expected):
-    assert decide(target_sha=target, deployed_sha=deployed, new_cfg=new, deployed_cfg=old,
-                  always_buildout=always) == expected
+    assert (
+        decide(
+            target_sha=target,
+            deployed_sha=deployed,
+            new_cfg=new,
+            deployed_cfg=old,
+            always_buildout=always,
+        )
+        == expected
+    )
 
 
 @pytest.mark.parametrize(
@@ -47,8 +55,9 @@ def test_client_memory_caps_the_count_but_never_below_one():
 
 
 def test_layout_names_clients_and_ports_from_base_port():
-    layout = client_layout(PloneInstances(instance_count=3, base_port=9000),
-                           cpu_count=1, memory_mb=1)
+    layout = client_layout(
+        PloneInstances(instance_count=3, base_port=9000), cpu_count=1, memory_mb=1
+    )
     assert layout.names == ["client1", "client2", "client3"]
     assert layout.ports == {"client1": 9001, "client2": 9002, "client3": 9003}
 

@@ -17,19 +17,36 @@ from agent.stackconfig import stack_settings
 ROOT = Path("/srv/deploy/mysite")
 
 
-def make_input(stack_config: dict | None = None, members: tuple[Member, ...] | None = None,
-               **overrides) -> RenderInput:
-    stack_config = stack_config if stack_config is not None else {
-        "plone_instances": {"instance_count": 2, "zodb_cache_size": 30000, "zserver_threads": 2},
-        "deploy": {"mysite": {"environment": {"TZ": "UTC"}}},
-    }
+def make_input(
+    stack_config: dict | None = None, members: tuple[Member, ...] | None = None, **overrides
+) -> RenderInput:
+    stack_config = (
+        stack_config
+        if stack_config is not None
+        else {
+            "plone_instances": {
+                "instance_count": 2,
+                "zodb_cache_size": 30000,
+                "zserver_threads": 2,
+            },
+            "deploy": {"mysite": {"environment": {"TZ": "UTC"}}},
+        }
+    )
     settings = stack_settings(stack_config)
     values = dict(
-        stack="mysite", app="mysite", instance_id="web-1", instance_address="10.0.0.12",
-        layers=("plone_instances",), revision="3f2a" * 10, app_root=ROOT,
+        stack="mysite",
+        app="mysite",
+        instance_id="web-1",
+        instance_address="10.0.0.12",
+        layers=("plone_instances",),
+        revision="3f2a" * 10,
+        app_root=ROOT,
         layout=client_layout(settings.plone_instances, cpu_count=1, memory_mb=1024),
-        settings=settings, stack_config=stack_config,
-        members=members if members is not None else (
+        settings=settings,
+        stack_config=stack_config,
+        members=members
+        if members is not None
+        else (
             Member("web-1", "10.0.0.12", ("plone_instances",)),
             Member("zeo-1", "10.0.0.5", ("zeoserver",)),
         ),
@@ -68,9 +85,11 @@ def test_deploy_cfg_has_the_sections_cookbook_buildouts_read():
 
 
 def test_environment_vars_are_sorted_and_include_the_egg_cache():
-    text = render_deploy_cfg(make_input({
-        "plone_instances": {},
-        "deploy": {"mysite": {"environment": {"ZZ": "1", "AA": "2"}}}})).decode()
+    text = render_deploy_cfg(
+        make_input(
+            {"plone_instances": {}, "deploy": {"mysite": {"environment": {"ZZ": "1", "AA": "2"}}}}
+        )
+    ).decode()
     block = text.split("environment-vars +=\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert block == ["    AA 2", f"    PYTHON_EGG_CACHE {ROOT}/shared/eggs", "    ZZ 1"]
 
@@ -97,9 +116,20 @@ def test_no_zeo_host_section_when_no_zeoserver_is_online():
 
 def test_solr_and_celery_sections_from_layers_and_keys():
     members = (Member("s", "10.0.0.7", ("solr",)), Member("q", "10.0.0.8", ("celery_broker",)))
-    cfg = parse(render_deploy_cfg(make_input(
-        {"plone_instances": {"solr_enabled": True, "enable_celery": True,
-                             "broker": {"port": 6380}}}, members)))
+    cfg = parse(
+        render_deploy_cfg(
+            make_input(
+                {
+                    "plone_instances": {
+                        "solr_enabled": True,
+                        "enable_celery": True,
+                        "broker": {"port": 6380},
+                    }
+                },
+                members,
+            )
+        )
+    )
     assert cfg["solr-host"]["host"] == "10.0.0.7"
     assert cfg["celery-broker"]["host"] == "10.0.0.8"
     assert cfg["celery-broker"]["port"] == "6380"
@@ -108,10 +138,19 @@ def test_solr_and_celery_sections_from_layers_and_keys():
 
 
 def test_cookbook_extends_parts_and_additional_config_are_appended():
-    cfg = render_deploy_cfg(make_input({"deploy": {"mysite": {
-        "buildout_extends": ["cfg/sources.cfg"],
-        "buildout_parts_to_include": ["zeoserver"],
-        "buildout_additional_config": "[client1]\nuser = admin:secret"}}}))
+    cfg = render_deploy_cfg(
+        make_input(
+            {
+                "deploy": {
+                    "mysite": {
+                        "buildout_extends": ["cfg/sources.cfg"],
+                        "buildout_parts_to_include": ["zeoserver"],
+                        "buildout_additional_config": "[client1]\nuser = admin:secret",
+                    }
+                }
+            }
+        )
+    )
     parsed = parse(cfg)
     assert parsed["buildout"]["extends"] == "cfg/base.cfg cfg/sources.cfg"
     assert parsed["buildout"]["parts +"].endswith("zeoserver")
@@ -136,8 +175,14 @@ def test_values_with_line_breaks_are_refused_not_injected(evil):
 
 
 def test_dollar_signs_from_data_cannot_trigger_buildout_substitution():
-    cfg = render_deploy_cfg(make_input({"deploy": {"mysite": {"environment": {
-        "X": "${buildout:directory}"}}}, "extra": {"k": "$HOME"}}))
+    cfg = render_deploy_cfg(
+        make_input(
+            {
+                "deploy": {"mysite": {"environment": {"X": "${buildout:directory}"}}},
+                "extra": {"k": "$HOME"},
+            }
+        )
+    )
     assert b"X $${buildout:directory}" in cfg
     assert b"extra.k = $$HOME" in cfg
 
@@ -157,16 +202,30 @@ def test_multiline_stack_config_values_become_indented_continuation_lines():
     assert b"notes.text =\n    one\n    [buildout]\n    parts = evil" in cfg
 
 
-@given(st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
-                       st.one_of(st.text(max_size=30), st.integers(), st.booleans()),
-                       max_size=6))
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
+        st.one_of(st.text(max_size=30), st.integers(), st.booleans()),
+        max_size=6,
+    )
+)
 def test_arbitrary_stack_values_never_add_sections_or_options(extra):
     try:
         cfg = render_deploy_cfg(make_input({"custom": extra}))
     except RenderError:
         return
     parsed = parse(cfg)
-    assert set(parsed.sections()) == {"buildout", "zeo-host", "zeoserver", "client1",
-                                      "client2", "deploy", "instances", "stack_config"}
-    assert all(k.startswith(("custom.", "plone", "deploy"))
-               for k in parsed["stack_config"]) or not extra
+    assert set(parsed.sections()) == {
+        "buildout",
+        "zeo-host",
+        "zeoserver",
+        "client1",
+        "client2",
+        "deploy",
+        "instances",
+        "stack_config",
+    }
+    assert (
+        all(k.startswith(("custom.", "plone", "deploy")) for k in parsed["stack_config"])
+        or not extra
+    )

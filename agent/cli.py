@@ -1,0 +1,194 @@
+"""The ``deploy-agent`` command line.
+
+Exit codes: 0 success (or nothing to do), 1 a command failed, 2 bad usage or configuration,
+3 timed out, 4 no instance answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from agent import __version__
+from agent.config import AgentConfig, load_config
+from agent.errors import AgentError, ConfigError
+from agent.log import configure_logging
+
+if TYPE_CHECKING:  # imported lazily: `config check` should not pay for GitPython
+    from agent.pipeline import Pipeline
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_NO_INSTANCE = 0, 1, 2, 3, 4
+DEFAULT_CONFIG = "/etc/deploy-agent/agent.yaml"
+log = structlog.get_logger("agent.cli")
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("DEPLOY_AGENT_CONFIG") or DEFAULT_CONFIG)
+
+
+def local_pipeline(config: AgentConfig) -> Pipeline:
+    """The pipeline of this host, with supervisord restarts when supervisor is configured."""
+    from agent.pipeline import Pipeline
+    from agent.restart import restarter_for
+
+    return Pipeline(config, restarter=restarter_for(config))
+
+
+def print_outcome(outcome: object, *, as_json: bool) -> None:
+    data = asdict(outcome)  # type: ignore[call-overload]
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    print(f"{data['kind']} {data['app']}: {data['status']} - {data['message']}")
+    for key in ("decision", "revision", "release"):
+        if data.get(key):
+            print(f"  {key}: {data[key]}")
+    print(f"  seconds: {data['seconds']}")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    if not args.local:
+        from agent.operator_cli import remote_deploy
+
+        return remote_deploy(args, config_path(args))
+    pipeline = local_pipeline(config)
+    outcome = asyncio.run(pipeline.deploy(args.app, revision=args.revision,
+                                          restart_delay=args.restart_delay,
+                                          always_buildout=args.always_buildout or None))
+    print_outcome(outcome, as_json=args.json)
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    if not args.local:
+        from agent.operator_cli import remote_rollback
+
+        return remote_rollback(args, config_path(args))
+    outcome = asyncio.run(local_pipeline(config).rollback(args.app, to_release=args.to))
+    print_outcome(outcome, as_json=args.json)
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    pipeline = local_pipeline(config)
+    apps = [args.app] if args.app else [a for a in config.apps if config.carries(a)]
+    worst = EXIT_OK
+    for app in apps:
+        outcome = asyncio.run(pipeline.configure(app))
+        print_outcome(outcome, as_json=args.json)
+        worst = worst if outcome.ok else EXIT_FAILED
+    return worst
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    from agent.stackconfig import stack_settings
+
+    stack_settings(config.stack_config)
+    apps = ", ".join(sorted(config.apps)) or "none"
+    print(f"{args.file}: OK (stack {config.stack}, instance {config.instance.id}, apps: {apps})")
+    return EXIT_OK
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from agent.keys import generate_keypair
+
+    comment = args.comment or f"{getpass.getuser()}@{socket.gethostname()}"
+    key = generate_keypair(Path(args.output), comment=comment, force=args.force)
+    print(f"private key: {key.private_path} (mode 0600: keep it secret)")
+    print(f"public key:  {key.public_path} (add it to security.trusted_keys on every agent)")
+    print(f"key id:      {key.key_id}")
+    return EXIT_OK
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help=f"agent configuration (default {DEFAULT_CONFIG}"
+                        " or $DEPLOY_AGENT_CONFIG)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deploy-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"deploy-agent {__version__}")
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    deploy = sub.add_parser("deploy", help="deploy an app (--local: on this host, no broker)")
+    deploy.add_argument("app")
+    deploy.add_argument("--revision", "-r")
+    deploy.add_argument("--local", action="store_true")
+    deploy.add_argument("--wait", action="store_true")
+    deploy.add_argument("--restart-delay", type=float)
+    deploy.add_argument("--always-buildout", action="store_true")
+    deploy.add_argument("--batch-size", type=int)
+    deploy.add_argument("--max-failures", type=int, default=0)
+    deploy.add_argument("--timeout", type=float, default=3600)
+    deploy.add_argument("--targets", nargs="*")
+    add_common(deploy)
+    deploy.set_defaults(func=cmd_deploy)
+
+    rollback = sub.add_parser("rollback", help="switch an app back to an earlier release")
+    rollback.add_argument("app")
+    rollback.add_argument("--to", help="release name (default: the one before current)")
+    rollback.add_argument("--local", action="store_true")
+    rollback.add_argument("--wait", action="store_true")
+    rollback.add_argument("--timeout", type=float, default=3600)
+    rollback.add_argument("--targets", nargs="*")
+    add_common(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
+    configure = sub.add_parser("configure", help="re-render deploy.cfg here, apply if changed")
+    configure.add_argument("app", nargs="?")
+    add_common(configure)
+    configure.set_defaults(func=cmd_configure)
+
+    config = sub.add_parser("config", help="validate or publish configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate an agent configuration file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_config_check)
+
+    keys = sub.add_parser("keys", help="operator signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_sub.add_parser("generate", help="write an Ed25519 key pair")
+    generate.add_argument("--output", "-o", default="deploy-operator",
+                          help="path prefix: writes PREFIX (private) and PREFIX.pub")
+    generate.add_argument("--comment", help="a label for the key (default user@host)")
+    generate.add_argument("--force", action="store_true")
+    generate.set_defaults(func=cmd_keys_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(level=args.log_level, stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"deploy-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as exc:
+        print(f"deploy-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("deploy-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""One app's code on disk: the git mirror, the release directories, the atomic switch.
+
+Layout (DESIGN.md "On disk"): ``<root>/<app>/{repo.git, releases/<ts>, current, shared}``.
+Synchronous on purpose: git and the file system block anyway, so the pipeline calls these
+methods through ``asyncio.to_thread``. Calls for one app must be serialized by the caller
+(``prune`` treats a release without a marker as debris, not as a build in progress).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import structlog
+
+from agent.errors import ConfigError, ReleaseError
+from agent.gitmirror import SHA_RE, GitMirror
+
+log = structlog.get_logger(__name__)
+
+MARKER = ".deploy-release.json"
+DEFAULT_SHARED_DIRS = ("var/filestorage", "var/blobstorage", "var/log")
+_APP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RELEASE_RE = re.compile(r"(\d{14})(?:_(\d{1,6}))?")
+_TMP_LINK = ".current.tmp-"
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """A complete release, as its marker file describes it."""
+
+    name: str
+    path: Path
+    sha: str
+    cfg_digest: str
+    built_at: str  # ISO 8601, UTC
+
+
+def release_sort_key(name: str) -> tuple[str, int]:
+    """Chronological order of release names: ``..._10`` comes after ``..._9``."""
+    match = _RELEASE_RE.fullmatch(name)
+    if match is None:
+        raise ReleaseError(f"invalid release name {name!r}")
+    return match[1], int(match[2] or 0)
+
+
+def _check_shared_dirs(dirs: Sequence[str]) -> tuple[str, ...]:
+    """Relative, normalized and disjoint: a nested pair would link data over data."""
+    clean: list[str] = []
+    for raw in dirs:
+        pure = PurePosixPath(raw)
+        if not raw or pure.is_absolute() or ".." in pure.parts or "\x00" in raw:
+            raise ConfigError(f"shared dir {raw!r} must be a relative path without '..'")
+        clean.append(str(pure))
+    for a in clean:
+        for b in clean:
+            if a != b and PurePosixPath(b).is_relative_to(a):
+                raise ConfigError(f"shared dirs {a!r} and {b!r} overlap")
+    if len(set(clean)) != len(clean) or "." in clean:
+        raise ConfigError(f"shared dirs {list(dirs)!r} repeat or name the release itself")
+    return tuple(clean)
+
+
+@contextlib.contextmanager
+def _fs(what: str) -> Iterator[None]:
+    """Translate a file-system failure into the error the pipeline reports."""
+    try:
+        yield
+    except OSError as exc:
+        raise ReleaseError(f"cannot {what}: {exc}") from exc
+
+
+def _symlinked_parent(release: Path, rel: str) -> PurePosixPath | None:
+    """A repo could ship ``var -> /``: nothing may be created or removed through it."""
+    for parent in reversed(PurePosixPath(rel).parents[:-1]):
+        if (release / parent).is_symlink():
+            return parent
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class ReleaseManager:
+    """Owns ``<root>/<app>``: nothing it creates or removes lies outside that directory."""
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        app: str,
+        repository: str,
+        keep_releases: int = 5,
+        shared_dirs: Sequence[str] = DEFAULT_SHARED_DIRS,
+        fetch_timeout: float = 300.0,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if not _APP_RE.fullmatch(app):
+            raise ConfigError(f"invalid app name {app!r}")
+        if keep_releases < 1:
+            raise ConfigError(f"keep_releases must be at least 1, not {keep_releases}")
+        self.app = app
+        self.keep_releases = keep_releases
+        self.shared_dirs = _check_shared_dirs(shared_dirs)
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self.app_dir = Path(os.path.abspath(root)) / app
+        self.mirror = self.app_dir / "repo.git"
+        self.git = GitMirror(self.mirror, repository, fetch_timeout=fetch_timeout)
+        self.releases_dir = self.app_dir / "releases"
+        self.current_link = self.app_dir / "current"
+        self.shared_dir = self.app_dir / "shared"
+        self.eggs_dir = self.shared_dir / "eggs"
+        self.downloads_dir = self.shared_dir / "downloads"
+
+    def fetch(self) -> None:
+        """Bring the mirror up to date (created on first use, never re-cloned)."""
+        self.app_dir.mkdir(parents=True, exist_ok=True)
+        self.git.fetch()
+
+    def resolve(self, revision: str | None, branch: str | None) -> str:
+        """The full sha of ``revision`` (sha, short sha, tag, branch), else of ``branch``."""
+        return self.git.resolve(revision, branch)
+
+    # -- building a release ----------------------------------------------------------
+
+    def new_release_dir(self) -> Path:
+        """Create ``releases/<UTC timestamp>``, suffixed ``_1``, ``_2``... within a second."""
+        with _fs("create the releases directory"):
+            self.releases_dir.mkdir(parents=True, exist_ok=True)
+        stamp = self._clock().astimezone(UTC).strftime("%Y%m%d%H%M%S")
+        taken = [release_sort_key(n)[1] for n, _ in self._scan() if n.startswith(stamp)]
+        for suffix in range(max(taken, default=-1) + 1, 1_000_000):
+            path = self.releases_dir / (f"{stamp}_{suffix}" if suffix else stamp)
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return path
+        raise ReleaseError(f"no free release name for {stamp}")
+
+    def checkout(self, release: Path, sha: str) -> None:
+        """Check ``sha`` out into ``release`` from the mirror (hard-linked objects)."""
+        release = self._own(release)
+        self.git.clone_into(release, sha)
+        info = release / ".git" / "info"
+        with _fs(f"write {info}/exclude"):
+            info.mkdir(parents=True, exist_ok=True)
+            with (info / "exclude").open("a", encoding="utf-8") as exclude:
+                exclude.writelines(f"/{p}\n" for p in (MARKER, *self.shared_dirs))
+        self.link_shared(release)
+        log.info("releases.checked_out", app=self.app, release=release.name, sha=sha)
+
+    def link_shared(self, release: Path) -> None:
+        """Make each shared dir of ``release`` a symlink to ``shared/<dir>``, keeping data."""
+        release = self._own(release)
+        for rel in self.shared_dirs:
+            if symlinked := _symlinked_parent(release, rel):
+                raise ReleaseError(f"{symlinked} is a symlink in release {release.name}")
+            with _fs(f"link {rel} into release {release.name}"):
+                self._link_one(release / rel, self.shared_dir / rel)
+        with _fs("create shared/eggs and shared/downloads"):
+            self.eggs_dir.mkdir(parents=True, exist_ok=True)
+            self.downloads_dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _link_one(link: Path, target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            if os.readlink(link) == str(target):
+                return
+            link.unlink()  # a symlink: unlinking never touches data
+        elif link.is_dir():
+            shutil.rmtree(link)  # the checkout's placeholder (e.g. a .gitkeep)
+        elif link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+
+    def mark_complete(self, release: Path, *, sha: str, cfg_digest: str) -> None:
+        """Record a successful build; only a complete release can become ``current``."""
+        release = self._own(release)
+        if not SHA_RE.fullmatch(sha):
+            raise ReleaseError(f"a release records a full sha, not {sha!r}")
+        built_at = datetime.now(UTC).isoformat(timespec="seconds")
+        marker = {"status": "complete", "sha": sha, "cfg_digest": cfg_digest, "built_at": built_at}
+        with _fs(f"mark release {release.name}"):
+            _write_atomic(release / MARKER, json.dumps(marker, sort_keys=True).encode())
+
+    def mark_failed(self, release: Path, reason: str) -> None:
+        """Record a failed build, kept for inspection until the next prune."""
+        release = self._own(release)
+        if release.name == self._current_name():
+            raise ReleaseError(f"release {release.name} is current; not marking it failed")
+        if not release.is_dir():
+            log.warning("releases.mark_failed_missing", app=self.app, release=release.name)
+            return
+        marker = {
+            "status": "failed",
+            "reason": reason,
+            "failed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        with _fs(f"mark release {release.name}"):
+            _write_atomic(release / MARKER, json.dumps(marker, sort_keys=True).encode())
+
+    # -- current, switch, rollback ---------------------------------------------------
+
+    def switch(self, release: Path) -> None:
+        """Point ``current`` at ``release`` with one rename: it always names a release."""
+        release = self._own(release)
+        if self._info(release.name) is None:
+            raise ReleaseError(f"release {release.name} is not complete; refusing to switch")
+        self._remove_tmp_links()
+        tmp = self.app_dir / f"{_TMP_LINK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with _fs(f"switch {self.current_link}"):
+            os.symlink(f"releases/{release.name}", tmp)
+            try:
+                os.replace(tmp, self.current_link)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(self.app_dir)
+        log.info("releases.switched", app=self.app, release=release.name)
+
+    def current(self) -> ReleaseInfo | None:
+        """The release ``current`` points at, if there is one and it is complete."""
+        name = self._current_name()
+        return None if name is None else self._info(name)
+
+    def releases(self) -> list[ReleaseInfo]:
+        """Complete releases, oldest first."""
+        infos = (self._info(name) for name, _ in self._scan())
+        return [info for info in infos if info is not None]
+
+    def previous(self) -> ReleaseInfo | None:
+        """The complete release just before ``current``: the default rollback target."""
+        name = self._current_name()
+        if name is None:
+            return None
+        older = [r for r in self.releases() if release_sort_key(r.name) < release_sort_key(name)]
+        return older[-1] if older else None
+
+    def find(self, name: str) -> ReleaseInfo:
+        """A complete release by name (``rollback --to``)."""
+        release_sort_key(name)  # validates: no path can be smuggled in
+        info = self._info(name)
+        if info is None:
+            raise ReleaseError(f"release {name!r} of {self.app} not found or not complete")
+        return info
+
+    # -- cleaning up -----------------------------------------------------------------
+
+    def prune(self) -> list[str]:
+        """Remove old, failed and half-built releases; never ``current`` or the one before."""
+        current, previous = self._current_name(), self.previous()
+        keep = {r.name for r in self.releases()[-self.keep_releases :]}
+        keep |= {n for n in (current, previous.name if previous else None) if n is not None}
+        removed = []
+        for name, path in self._scan():
+            if name not in keep:
+                self._remove(path)
+                removed.append(name)
+        if removed:
+            log.info("releases.pruned", app=self.app, removed=removed)
+        return removed
+
+    def clean_incomplete(self) -> list[str]:
+        """Remove half-built releases and stray temporary links left by a crash."""
+        self._remove_tmp_links()
+        current = self._current_name()
+        removed = []
+        for name, path in self._scan():
+            if name != current and self._marker(path) is None:
+                self._remove(path)
+                removed.append(name)
+        if removed:
+            log.info("releases.cleaned", app=self.app, removed=removed)
+        return removed
+
+    def _remove(self, path: Path) -> None:
+        """Delete a release; shared links go first so nothing can reach into shared/."""
+        for rel in self.shared_dirs:
+            link = path / rel
+            if _symlinked_parent(path, rel) is None and link.is_symlink():
+                link.unlink()
+        try:
+            shutil.rmtree(path)  # does not follow symlinks
+        except OSError as exc:
+            raise ReleaseError(f"cannot remove release {path.name}: {exc}") from exc
+
+    def _remove_tmp_links(self) -> None:
+        with _fs("remove stale temporary links"):
+            for stale in self.app_dir.glob(f"{_TMP_LINK}*"):
+                if stale.is_symlink():
+                    stale.unlink()
+
+    # -- reading the disk ------------------------------------------------------------
+
+    def _own(self, release: Path) -> Path:
+        """Check that ``release`` is a release dir of this app, not a path elsewhere."""
+        path = Path(os.path.abspath(release))
+        if path.parent != self.releases_dir or not _RELEASE_RE.fullmatch(path.name):
+            raise ReleaseError(f"{release} is not a release of {self.app}")
+        if path.is_symlink():
+            raise ReleaseError(f"release {path.name} is a symlink")
+        return path
+
+    def _scan(self) -> Iterator[tuple[str, Path]]:
+        """Release directories (real ones, valid names), oldest first."""
+        if not self.releases_dir.is_dir():
+            return iter(())
+        found = [
+            (entry.name, Path(entry.path))
+            for entry in os.scandir(self.releases_dir)
+            if _RELEASE_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+        ]
+        return iter(sorted(found, key=lambda item: release_sort_key(item[0])))
+
+    @staticmethod
+    def _marker(path: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _info(self, name: str) -> ReleaseInfo | None:
+        path = self.releases_dir / name
+        if path.is_symlink() or not path.is_dir():
+            return None
+        marker = self._marker(path)
+        if marker is None or marker.get("status") != "complete":
+            return None
+        return ReleaseInfo(
+            name=name,
+            path=path,
+            sha=str(marker.get("sha", "")),
+            cfg_digest=str(marker.get("cfg_digest", "")),
+            built_at=str(marker.get("built_at", "")),
+        )
+
+    def _current_name(self) -> str | None:
+        """The release name ``current`` points at, whatever its state; None if unset."""
+        try:
+            target = os.readlink(self.current_link)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ReleaseError(f"{self.current_link} is not a symlink") from exc
+        path = Path(os.path.normpath(self.app_dir / target))
+        if path.parent != self.releases_dir or not _RELEASE_RE.fullmatch(path.name):
+            raise ReleaseError(f"{self.current_link} points outside releases/: {target}")
+        return path.name

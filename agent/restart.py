@@ -1,0 +1,47 @@
+"""The pipeline's restart step, filled by supervisord: the app's restart settings become a
+``RestartPlan`` for ``agent.supervisor``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from agent.config import AgentConfig, AppConfig, SupervisorConfig, read_secret
+from agent.plan import ClientLayout
+from agent.rolling import RestartPlan, restart_programs
+from agent.supervisor import SupervisorClient
+
+
+class SupervisorRestarter:
+    """Health-gated restarts of an app's programs through supervisord's XML-RPC API."""
+
+    def __init__(self, config: SupervisorConfig) -> None:
+        self.config = config
+
+    def client(self) -> SupervisorClient:
+        return SupervisorClient(self.config.url, username=self.config.username,
+                                password=read_secret(self.config.password_file))
+
+    async def restart(
+        self, *, app: str, config: AppConfig, layout: ClientLayout, restart_delay: float,
+        only: list[str] | None = None,
+    ) -> dict[str, Any]:
+        plan = RestartPlan(
+            programs=only or config.restart.programs,
+            strategy=config.restart.strategy,
+            restart_delay=restart_delay,
+            health_url=config.restart.health_url,
+            health_timeout=config.restart.health_timeout,
+            ports=layout.ports,
+        )
+        report = await restart_programs(self.client(), plan)
+        return {
+            "programs": [asdict(p) for p in report.restarted],
+            "removed": report.removed,
+            "seconds": round(report.seconds, 2),
+        }
+
+
+def restarter_for(config: AgentConfig) -> SupervisorRestarter | None:
+    """None when no supervisor is configured: the pipeline then says it skipped restarts."""
+    return SupervisorRestarter(config.supervisor) if config.supervisor else None

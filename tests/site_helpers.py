@@ -1,0 +1,141 @@
+"""Real git repositories of the example site, and agent configurations pointing at them."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.config import AgentConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "zeo-site"
+IGNORED = shutil.ignore_patterns(
+    "bin",
+    "parts",
+    "develop-eggs",
+    "eggs",
+    ".installed.cfg",
+    "var",
+    "__pycache__",
+    "*.egg-info",
+    "deploy.cfg",
+)
+
+
+def git(*args: str, cwd: Path) -> str:
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.org",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(cwd),
+    }
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
+
+
+@dataclass
+class SiteRepo:
+    """An upstream bare repository of the example site, with a work tree to commit from."""
+
+    work: Path
+    bare: Path
+
+    @classmethod
+    def create(cls, root: Path) -> SiteRepo:
+        work, bare = root / "site-work", root / "site-upstream.git"
+        shutil.copytree(EXAMPLE, work, ignore=IGNORED)
+        git("init", "-q", "-b", "main", cwd=work)
+        git("add", "-A", cwd=work)
+        git("commit", "-q", "-m", "initial", cwd=work)
+        git("init", "-q", "--bare", "-b", "main", str(bare), cwd=root)
+        git("remote", "add", "origin", str(bare), cwd=work)
+        git("push", "-q", "origin", "main", cwd=work)
+        return cls(work=work, bare=bare)
+
+    def commit(self, files: dict[str, str], message: str = "change") -> str:
+        for name, text in files.items():
+            path = self.work / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        git("add", "-A", cwd=self.work)
+        git("commit", "-q", "-m", message, cwd=self.work)
+        git("push", "-q", "origin", "main", cwd=self.work)
+        return self.head()
+
+    def head(self) -> str:
+        return git("rev-parse", "HEAD", cwd=self.work)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base+1 .. base+count (the clients' ports) are free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        start = int(sock.getsockname()[1])
+    for base in range(start, start + 2000, count + 1):
+        if base + count < 65000 and all(port_is_free(base + n) for n in range(1, count + 1)):
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+def write_config(root: Path, repo: SiteRepo, **overrides: Any) -> AgentConfig:
+    """An agent configuration for the example site under ``root``; returns it loaded."""
+    clients = overrides.pop("clients", 2)
+    zeo_port = free_port_block(1) + 1
+    data: dict[str, Any] = {
+        "stack": "test",
+        "instance": {
+            "id": "web-1",
+            "address": "127.0.0.1",
+            "layers": ["plone_instances", "zeoserver"],
+        },
+        "paths": {"root": str(root / "srv"), "state": str(root / "state")},
+        "apps": {
+            "zeo-site": {
+                "repository": str(repo.bare),
+                "branch": "main",
+                "layers": ["plone_instances"],
+                "keep_releases": 3,
+                "buildout": {"command": ["buildout", "-c", "deploy.cfg"], "timeout": 300},
+                "restart": {
+                    "programs": ["client*"],
+                    "health_url": "http://127.0.0.1:{port}/health",
+                    "health_timeout": 30,
+                },
+            }
+        },
+        "stack_config": {
+            "plone_instances": {
+                "instance_count": clients,
+                "base_port": free_port_block(clients),
+                "zeo": {"address": f"127.0.0.1:{zeo_port}"},
+                "zodb_cache_size": 5000,
+            }
+        },
+    }
+    for key, value in overrides.items():
+        target = data
+        *path, last = key.split(".")
+        for part in path:
+            target = target.setdefault(part, {})
+        target[last] = value
+    path = root / "agent.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_config(path)

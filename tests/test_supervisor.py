@@ -1,0 +1,367 @@
+"""The supervisord client and the health-gated restart, against a real supervisord."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import structlog
+from supervisord_helpers import Supervisord, free_port, running_supervisord
+
+from agent.errors import ConfigError, RestartHalted, SupervisorError
+from agent.health import HealthCheckFailed, health_url_for, wait_healthy
+from agent.rolling import RestartPlan, restart_programs
+from agent.supervisor import ProcessInfo, SupervisorClient, match_programs
+
+pytestmark = pytest.mark.slow
+
+HEALTH = "http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+def sv(tmp_path: Path) -> Iterator[Supervisord]:
+    with running_supervisord(tmp_path) as supervisord:
+        yield supervisord
+
+
+def with_clients(sv: Supervisord, *names: str, **kwargs: object) -> SupervisorClient:
+    for name in names:
+        sv.add_program(name, **kwargs)  # type: ignore[arg-type]
+    sv.reload()
+    return SupervisorClient(sv.url)
+
+
+def plan(sv: Supervisord, **kwargs: object) -> RestartPlan:
+    defaults: dict[str, object] = {
+        "programs": ["client*"],
+        "health_url": HEALTH,
+        "health_timeout": 5.0,
+        "ports": sv.ports,
+    }
+    return RestartPlan(**{**defaults, **kwargs})  # type: ignore[arg-type]
+
+
+def body(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+        return response.read().decode()
+
+
+# --- matching, pure ------------------------------------------------------------------------
+
+
+def proc(name: str, group: str | None = None) -> ProcessInfo:
+    return ProcessInfo(name=name, group=group or name, statename="RUNNING", pid=1)
+
+
+def test_match_sorts_naturally_and_matches_names_and_group_specs() -> None:
+    procs = [proc("client10"), proc("client2"), proc("client1"), proc("celery"), proc("w", "zeo")]
+    assert [p.name for p in match_programs(["client*"], procs)] == [
+        "client1",
+        "client2",
+        "client10",
+    ]
+    assert [p.name for p in match_programs(["zeo:*", "celery"], procs)] == ["celery", "w"]
+
+
+def test_pattern_matching_nothing_is_an_error_naming_the_pattern() -> None:
+    with pytest.raises(SupervisorError, match=r"no program matches 'clinet\*'"):
+        match_programs(["client*", "clinet*"], [proc("client1")])
+
+
+def test_plan_rejects_a_bare_string_for_programs() -> None:
+    with pytest.raises(ConfigError):
+        RestartPlan(programs="client*")
+
+
+# --- rolling restart -----------------------------------------------------------------------
+
+
+async def test_rolling_restart_goes_in_natural_order_and_gives_each_program_a_new_pid(
+    sv: Supervisord,
+) -> None:
+    client = with_clients(sv, "client10", "client2", "client1", "celery")
+    before = sv.pids()
+    with structlog.testing.capture_logs() as logs:
+        report = await restart_programs(client, plan(sv))
+
+    assert [r.name for r in report.restarted] == ["client1", "client2", "client10"]
+    after = sv.pids()
+    for r in report.restarted:
+        assert r.action == "restarted"
+        assert r.pid_before == before[r.name] != r.pid_after == after[r.name]
+    assert after["celery"] == before["celery"], "unmatched programs are not touched"
+    new_starts = [
+        name for name, pid, _ in sv.starts() if pid in {r.pid_after for r in report.restarted}
+    ]
+    assert new_starts == ["client1", "client2", "client10"]
+    events = [e for e in logs if e["event"] == "restart.program"]
+    assert [(e["program"], e["pid_after"]) for e in events] == [
+        (r.name, r.pid_after) for r in report.restarted
+    ]
+    assert all(e["seconds_to_healthy"] >= 0 for e in events)
+    assert next(e for e in logs if e["event"] == "restart.done")["restarted"] == [
+        "client1",
+        "client2",
+        "client10",
+    ]
+
+
+async def test_restart_delay_separates_consecutive_restarts(sv: Supervisord) -> None:
+    client = with_clients(sv, "client1", "client2", "client3")
+    report = await restart_programs(client, plan(sv, restart_delay=0.4))
+
+    new_pids = {r.pid_after for r in report.restarted}
+    times = [at for _, pid, at in sv.starts() if pid in new_pids]
+    assert len(times) == 3
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert all(gap >= 0.4 for gap in gaps), gaps
+    assert report.seconds < 0.4 * 2 + 3.0, "no delay after the last program"
+
+
+async def test_unhealthy_program_halts_the_roll_and_later_programs_keep_their_pid(
+    sv: Supervisord,
+) -> None:
+    sv.add_program("client2", mode="bad")
+    client = with_clients(sv, "client1", "client3")
+    before = sv.pids()
+
+    with pytest.raises(RestartHalted) as halted:
+        await restart_programs(client, plan(sv, health_timeout=1.0))
+
+    assert halted.value.program == "client2"
+    assert halted.value.restarted == ["client1"]
+    assert "client2" in str(halted.value) and "HTTP 503" in str(halted.value)
+    assert isinstance(halted.value.__cause__, HealthCheckFailed)
+    after = sv.pids()
+    assert after["client1"] != before["client1"]
+    assert after["client3"] == before["client3"], "the roll stopped before client3"
+
+
+async def test_program_that_dies_on_start_halts_the_roll(sv: Supervisord) -> None:
+    sv.add_program("client1", startsecs=1, startretries=0)
+    client = with_clients(sv, "client2")
+    before = sv.pids()
+    sv.crash_on_start("client1")
+
+    with pytest.raises(RestartHalted, match="client1") as halted:
+        await restart_programs(client, plan(sv, health_timeout=10.0))
+
+    assert halted.value.restarted == []
+    assert sv.pids()["client2"] == before["client2"]
+
+
+async def test_without_health_url_running_is_enough(sv: Supervisord) -> None:
+    sv.add_program("client1", mode="bad")
+    client = with_clients(sv)
+    report = await restart_programs(client, plan(sv, health_url=None))
+    assert [r.name for r in report.restarted] == ["client1"]
+
+
+async def test_strategy_all_restarts_every_program(sv: Supervisord) -> None:
+    client = with_clients(sv, "client1", "client2", "client3")
+    before = sv.pids()
+    report = await restart_programs(client, plan(sv, strategy="all"))
+
+    assert [r.name for r in report.restarted] == ["client1", "client2", "client3"]
+    assert all(r.pid_after == sv.pids()[r.name] != before[r.name] for r in report.restarted)
+
+
+async def test_strategy_all_reports_the_unhealthy_program(sv: Supervisord) -> None:
+    sv.add_program("client2", mode="bad")
+    client = with_clients(sv, "client1")
+    with pytest.raises(RestartHalted) as halted:
+        await restart_programs(client, plan(sv, strategy="all", health_timeout=1.0))
+    assert (halted.value.program, halted.value.restarted) == ("client2", ["client1"])
+
+
+# --- configuration changes -----------------------------------------------------------------
+
+
+async def test_new_program_in_config_is_added_after_existing_ones(sv: Supervisord) -> None:
+    client = with_clients(sv, "client1", "client2")
+    port = sv.add_program("client3")  # written, not yet known to supervisord
+
+    report = await restart_programs(client, plan(sv))
+
+    assert [(r.name, r.action) for r in report.restarted] == [
+        ("client1", "restarted"),
+        ("client2", "restarted"),
+        ("client3", "added"),
+    ]
+    assert report.restarted[2].pid_before is None
+    assert sv.pids()["client3"] == report.restarted[2].pid_after
+    assert body(port).startswith("client3 v1")
+
+
+async def test_program_removed_from_config_is_stopped_and_removed(sv: Supervisord) -> None:
+    client = with_clients(sv, "client1", "client2", "client3")
+    old_pid = sv.pids()["client3"]
+    sv.remove_program("client3")
+
+    report = await restart_programs(client, plan(sv))
+
+    assert report.removed == ["client3"]
+    assert [r.name for r in report.restarted] == ["client1", "client2"]
+    assert "client3" not in sv.pids()
+    assert not psutil.pid_exists(old_pid)
+
+
+async def test_changed_command_is_readded_with_the_new_command(sv: Supervisord) -> None:
+    client = with_clients(sv, "client1", "client2")
+    before = sv.pids()
+    sv.add_program("client2", tag="v2")  # same port, new command line
+
+    report = await restart_programs(client, plan(sv))
+
+    assert [(r.name, r.action) for r in report.restarted] == [
+        ("client1", "restarted"),
+        ("client2", "readded"),
+    ]
+    readded = report.restarted[1]
+    assert readded.pid_before == before["client2"]
+    assert "v2" in psutil.Process(readded.pid_after).cmdline()
+    assert body(sv.ports["client2"]).startswith("client2 v2")
+
+
+async def test_changed_command_pointing_nowhere_halts_the_roll(
+    sv: Supervisord, tmp_path: Path
+) -> None:
+    client = with_clients(sv, "client1", "client2")
+    before = sv.pids()
+    sv.add_program("client1", command=f"{tmp_path}/releases/missing/bin/instance fg")
+
+    with pytest.raises(RestartHalted, match=r"client1.*NO_FILE") as halted:
+        await restart_programs(client, plan(sv))
+
+    assert halted.value.restarted == []
+    assert sv.pids()["client2"] == before["client2"]
+
+
+async def test_changed_program_not_matched_is_left_alone(sv: Supervisord) -> None:
+    client = with_clients(sv, "client1", "celery")
+    before = sv.pids()
+    sv.add_program("celery", tag="v2")
+
+    await restart_programs(client, plan(sv))
+
+    assert sv.pids()["celery"] == before["celery"]
+    assert body(sv.ports["celery"]).startswith("celery v1")
+
+
+async def test_unknown_pattern_raises_before_anything_restarts(sv: Supervisord) -> None:
+    client = with_clients(sv, "client1")
+    before = sv.pids()
+    with pytest.raises(SupervisorError, match="no program matches 'web\\*'"):
+        await restart_programs(client, plan(sv, programs=["client*", "web*"]))
+    assert sv.pids() == before
+
+
+async def test_health_url_needing_an_unknown_port_raises_before_anything_restarts(
+    sv: Supervisord,
+) -> None:
+    client = with_clients(sv, "client1")
+    before = sv.pids()
+    with pytest.raises(ConfigError, match="client1"):
+        await restart_programs(client, plan(sv, ports={}))
+    assert sv.pids() == before
+
+
+async def test_update_applies_every_change_at_once_like_supervisorctl(sv: Supervisord) -> None:
+    client = with_clients(sv, "client1", "client2", "celery")
+    before = sv.pids()
+    sv.add_program("client3")
+    sv.remove_program("client2")
+    sv.add_program("celery", tag="v2")
+
+    diff = await client.update()
+
+    assert (diff.added, diff.changed, diff.removed) == (("client3",), ("celery",), ("client2",))
+    sv.wait_serving()
+    after = sv.pids()
+    assert sorted(after) == ["celery", "client1", "client3"]
+    assert after["client1"] == before["client1"]
+    assert body(sv.ports["celery"]).startswith("celery v2")
+
+
+# --- client errors -------------------------------------------------------------------------
+
+
+async def test_unknown_program_is_a_supervisor_error_naming_it(sv: Supervisord) -> None:
+    client = SupervisorClient(sv.url)
+    with pytest.raises(SupervisorError, match=r"'nosuch'.*BAD_NAME"):
+        await client.stop("nosuch")
+
+
+async def test_missing_socket_means_supervisord_not_reachable(tmp_path: Path) -> None:
+    url = f"unix://{tmp_path}/supervisor.sock"
+    with pytest.raises(SupervisorError, match=f"supervisord not reachable at {re.escape(url)}"):
+        await SupervisorClient(url).list_processes()
+
+
+async def test_refused_http_port_means_supervisord_not_reachable() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SupervisorError, match=r"not reachable at http://127\.0\.0\.1"):
+        await SupervisorClient(url, username="u", password="p").list_processes()
+
+
+async def test_wrong_password_over_http_is_reported_without_the_password(
+    tmp_path: Path,
+) -> None:
+    secret = "wrong-s3cret-passw0rd"
+    with running_supervisord(tmp_path, http=True) as sv:
+        good = SupervisorClient(sv.http_url, username=sv.username, password=sv.password)
+        assert await good.state() == "RUNNING"
+        bad = SupervisorClient(sv.http_url, username=sv.username, password=secret)
+        with pytest.raises(SupervisorError, match="refused the credentials") as refused:
+            await bad.list_processes()
+        in_url = SupervisorClient(f"http://agent:{secret}@127.0.0.1:{sv.http_port}")
+        with pytest.raises(SupervisorError) as refused_in_url:
+            await in_url.state()
+
+    for text in (str(refused.value), str(refused_in_url.value), repr(bad), repr(in_url)):
+        assert secret not in text
+
+
+# --- health checks -------------------------------------------------------------------------
+
+
+async def test_health_check_waits_for_a_late_server() -> None:
+    port = free_port()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"HTTP/1.0 302 Found\r\nLocation: /x\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def serve_later() -> asyncio.Server:
+        await asyncio.sleep(0.3)
+        return await asyncio.start_server(answer, "127.0.0.1", port)
+
+    server_task = asyncio.create_task(serve_later())
+    seconds = await wait_healthy(f"http://127.0.0.1:{port}/ok", timeout=5)
+    server = await server_task
+    server.close()
+    await server.wait_closed()
+    assert 0.25 <= seconds < 5
+
+
+async def test_health_check_times_out_with_the_last_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}/"
+    with pytest.raises(HealthCheckFailed, match=r"did not answer 2xx/3xx within 0\.3s") as failed:
+        await wait_healthy(url, timeout=0.3)
+    assert failed.value.url == url
+
+
+def test_health_url_template_gets_name_and_port() -> None:
+    assert health_url_for("http://h:{port}/{name}", name="c1", port=81) == "http://h:81/c1"
+    with pytest.raises(ConfigError, match="needs a port"):
+        health_url_for("http://h:{port}/", name="c1", port=None)
+    with pytest.raises(ConfigError, match="only use"):
+        health_url_for("http://h:{host}/", name="c1", port=1)
