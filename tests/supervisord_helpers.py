@@ -25,7 +25,7 @@ import tempfile
 import textwrap
 import time
 import xmlrpc.client
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +241,13 @@ def _children(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _write_config(root: Path, socket_path: Path, http_port: int | None, sv: dict[str, str]) -> Path:
+def _write_config(
+    root: Path,
+    socket_path: Path,
+    http_port: int | None,
+    sv: dict[str, str],
+    include: Sequence[str] = (),
+) -> Path:
     inet = (
         f"[inet_http_server]\nport = 127.0.0.1:{http_port}\n"
         f"username = {sv['username']}\npassword = {sv['password']}\n\n"
@@ -256,7 +262,7 @@ def _write_config(root: Path, socket_path: Path, http_port: int | None, sv: dict
         "[rpcinterface:supervisor]\n"
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n"
         f"[supervisorctl]\nserverurl = unix://{socket_path}\n\n"
-        f"[include]\nfiles = {root / 'conf.d'}/*.conf\n"
+        f"[include]\nfiles = {' '.join([str(root / 'conf.d' / '*.conf'), *include])}\n"
     )
     return config
 
@@ -277,8 +283,13 @@ def _wait_until_answering(sv: Supervisord, timeout: float = 15.0) -> None:
 
 
 @contextmanager
-def running_supervisord(root: Path, *, http: bool = False) -> Iterator[Supervisord]:
-    """Start supervisord with its config under ``root``; stop it (and its children) after."""
+def running_supervisord(
+    root: Path, *, http: bool = False, include: Sequence[str] = ()
+) -> Iterator[Supervisord]:
+    """Start supervisord with its config under ``root``; stop it (and its children) after.
+
+    ``include``: more globs for its [include] section, e.g. a deployed app's
+    ``<root>/<app>/current/etc/supervisor/*.conf``."""
     (root / "conf.d").mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     (root / "httpserver.py").write_text(SERVER_SCRIPT)
@@ -286,7 +297,7 @@ def running_supervisord(root: Path, *, http: bool = False) -> Iterator[Superviso
     socket_path = sock_dir / "supervisor.sock"
     http_port = free_port() if http else None
     credentials = {"username": "agent", "password": secrets.token_hex(8)}
-    config = _write_config(root, socket_path, http_port, credentials)
+    config = _write_config(root, socket_path, http_port, credentials, include)
     process = subprocess.Popen(
         [sys.executable, "-m", "supervisor.supervisord", "-c", str(config), "-n"],
         stdout=subprocess.DEVNULL,

@@ -1,0 +1,223 @@
+"""End to end: deploys of the example ZEO site under a real supervisord, behind a real
+HAProxy, under a steady request load. Rolling restarts lose nothing; restarting every client
+at once (the OpsWorks way) does; a client that never becomes healthy halts the roll."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import require_binary
+from site_helpers import SiteRepo, free_port_block, write_config
+from supervisord_helpers import running_supervisord
+
+from agent.config import AgentConfig
+from agent.pipeline import HostFacts, Pipeline
+from agent.restart import restarter_for
+
+pytestmark = pytest.mark.slow
+APP = "zeo-site"
+CLIENTS = 3
+
+
+def pipeline(config: AgentConfig) -> Pipeline:
+    return Pipeline(config, restarter=restarter_for(config),
+                    facts=HostFacts(cpu_count=2, memory_mb=4096))
+
+
+def haproxy_config(bind_port: int, ports: list[int]) -> str:
+    servers = "\n".join(f"    server client{n} 127.0.0.1:{port} check"
+                        for n, port in enumerate(ports, start=1))
+    return f"""global
+    maxconn 512
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+    retries 2
+    option redispatch
+    retry-on all-retryable-errors
+
+frontend site
+    bind 127.0.0.1:{bind_port}
+    default_backend clients
+
+backend clients
+    balance roundrobin
+    option httpchk GET /health
+    default-server inter 500ms fall 1 rise 1
+{servers}
+"""
+
+
+@contextmanager
+def running_haproxy(directory: Path, ports: list[int]) -> Iterator[str]:
+    binary = require_binary("haproxy")
+    bind = free_port_block(1) + 1
+    cfg = directory / "haproxy.cfg"
+    cfg.write_text(haproxy_config(bind, ports))
+    subprocess.run([binary, "-c", "-q", "-f", str(cfg)], check=True)
+    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{bind}/"
+    try:
+        wait_for(url, timeout=15)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def wait_for(url: str, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            get(url)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class Load:
+    """Four request loops through the load balancer, counting what came back."""
+
+    def __init__(self, url: str, loops: int = 4) -> None:
+        self.url = url
+        self.results: Counter[str] = Counter()
+        self.versions: Counter[str] = Counter()
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(loops)]
+
+    def loop(self) -> None:
+        deadline = time.monotonic() + 240  # bounded, whatever happens to the test
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                body = get(self.url)
+                outcome, version = "ok", body.split()[1]
+            except urllib.error.HTTPError as exc:
+                outcome, version = f"http-{exc.code}", ""
+            except OSError as exc:
+                outcome, version = type(exc).__name__, ""
+            with self.lock:
+                self.results[outcome] += 1
+                self.versions[version] += 1
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=20)
+
+    @property
+    def failed(self) -> int:
+        return sum(n for outcome, n in self.results.items() if outcome != "ok")
+
+
+@pytest.fixture
+def site(tmp_path: Path, site_repo: SiteRepo) -> Iterator[tuple[AgentConfig, SiteRepo, Path]]:
+    require_binary("haproxy")
+    include = f"{tmp_path}/srv/{APP}/current/etc/supervisor/*.conf"
+    with running_supervisord(tmp_path / "sv", include=[include]) as sv:
+        config = write_config(tmp_path, site_repo, clients=CLIENTS,
+                              supervisor={"url": sv.url})
+        yield config, site_repo, tmp_path
+
+
+def client_ports(config: AgentConfig) -> list[int]:
+    base = config.stack_config["plone_instances"]["base_port"]
+    return [base + n for n in range(1, CLIENTS + 1)]
+
+
+async def test_rolling_restart_behind_haproxy_loses_no_request_and_all_at_once_does(site):
+    config, repo, tmp_path = site
+    first = await pipeline(config).deploy(APP)
+    assert first.status == "succeeded", first.message
+    with running_haproxy(tmp_path, client_ports(config)) as url:
+        repo.commit({"VERSION": "2\n"})
+        with Load(url) as rolling:
+            outcome = await pipeline(config).deploy(APP)
+            time.sleep(1)
+        assert outcome.status == "succeeded", outcome.message
+        restarted = outcome.details["restart"]["programs"]
+        assert [p["name"] for p in restarted] == ["client1", "client2", "client3"]
+        assert all(p["pid_after"] != p["pid_before"] for p in restarted)
+        assert sum(rolling.results.values()) > 100
+        assert rolling.failed == 0, rolling.results
+        assert get(url).split()[1] == "version=2"
+
+        everything = config.model_copy(update={"apps": {APP: config.apps[APP].model_copy(
+            update={"restart": config.apps[APP].restart.model_copy(
+                update={"strategy": "all"})})}})
+        repo.commit({"VERSION": "3\n"})
+        with Load(url) as at_once:
+            outcome = await pipeline(everything).deploy(APP)
+            time.sleep(1)
+        assert outcome.status == "succeeded", outcome.message
+        assert at_once.failed > 0, at_once.results
+    print(f"\nrolling: {dict(rolling.results)}; all at once: {dict(at_once.results)}")
+
+
+async def test_unhealthy_client_halts_the_roll_and_rollback_restores_the_previous_release(
+    site,
+):
+    config, repo, _ = site
+    first = await pipeline(config).deploy(APP)
+    assert first.status == "succeeded", first.message
+    ports = client_ports(config)
+    pids_before = {port: get(f"http://127.0.0.1:{port}/").split()[3] for port in ports}
+    app_py = repo.work / "src/zeosite/zeosite/app.py"
+    repo.commit({"VERSION": "2\n",
+                 "src/zeosite/zeosite/app.py": app_py.read_text().replace(
+                     "if healthy(db):", "if False:")})
+    settings = config.apps[APP].restart.model_copy(
+        update={"on_failure": "rollback", "health_timeout": 8})
+    rolling_back = config.model_copy(update={"apps": {APP: config.apps[APP].model_copy(
+        update={"restart": settings})}})
+    outcome = await pipeline(rolling_back).deploy(APP)
+    assert outcome.status == "failed" and outcome.error == "restart-halted"
+    assert "client1" in outcome.message and "rolled back" in outcome.message
+    assert outcome.release == first.release
+    assert (Path(config.paths.root) / APP / "current").resolve().name == first.release
+    # client1 was restarted twice (bad code, then old code again); the others never moved.
+    assert get(f"http://127.0.0.1:{ports[0]}/").split()[1] == "version=1"
+    for port in ports[1:]:
+        assert get(f"http://127.0.0.1:{port}/").split()[3] == pids_before[port]
+
+
+async def test_halt_without_rollback_leaves_the_rest_serving_the_old_code(site):
+    config, repo, _ = site
+    await pipeline(config).deploy(APP)
+    ports = client_ports(config)
+    app_py = repo.work / "src/zeosite/zeosite/app.py"
+    repo.commit({"src/zeosite/zeosite/app.py": app_py.read_text().replace(
+        "if healthy(db):", "if False:")})
+    settings = config.apps[APP].restart.model_copy(update={"health_timeout": 8})
+    halting = config.model_copy(update={"apps": {APP: config.apps[APP].model_copy(
+        update={"restart": settings})}})
+    outcome = await pipeline(halting).deploy(APP)
+    assert outcome.status == "failed" and outcome.error == "restart-halted"
+    assert "client1" in outcome.message
+    for port in ports[1:]:
+        assert get(f"http://127.0.0.1:{port}/").split()[1] == "version=1"
