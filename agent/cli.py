@@ -55,12 +55,21 @@ def print_outcome(outcome: object, *, as_json: bool) -> None:
     print(f"  seconds: {data['seconds']}")
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
+    """The daemon: JSON lines on stdout for journald, unless stdout is a terminal."""
     config = load_config(config_path(args))
-    if not args.local:
+    configure_logging(level=args.log_level, stream=sys.stdout)
+    from agent.daemon import Daemon
+
+    return asyncio.run(Daemon(config).serve())
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    if not args.local:  # the operator's config may be an operator file, not an agent config
         from agent.operator_cli import remote_deploy
 
         return remote_deploy(args, config_path(args))
+    config = load_config(config_path(args))
     pipeline = local_pipeline(config)
     outcome = asyncio.run(pipeline.deploy(args.app, revision=args.revision,
                                           restart_delay=args.restart_delay,
@@ -70,11 +79,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    config = load_config(config_path(args))
     if not args.local:
         from agent.operator_cli import remote_rollback
 
         return remote_rollback(args, config_path(args))
+    config = load_config(config_path(args))
     outcome = asyncio.run(local_pipeline(config).rollback(args.app, to_release=args.to))
     print_outcome(outcome, as_json=args.json)
     return EXIT_OK if outcome.ok else EXIT_FAILED
@@ -122,11 +131,23 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def add_rollout_options(parser: argparse.ArgumentParser) -> None:
+    batches = parser.add_mutually_exclusive_group()
+    batches.add_argument("--batch-size", type=int, help="instances per batch (implies --wait)")
+    batches.add_argument("--serial", action="store_true", help="one instance at a time")
+    parser.add_argument("--max-failures", type=int, default=0,
+                        help="stop rolling once more instances than this failed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deploy-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"deploy-agent {__version__}")
     parser.add_argument("--log-level", default="info")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the agent daemon (systemd runs this)")
+    run.add_argument("--config", "-c", help=f"agent configuration (default {DEFAULT_CONFIG})")
+    run.set_defaults(func=cmd_run)
 
     deploy = sub.add_parser("deploy", help="deploy an app (--local: on this host, no broker)")
     deploy.add_argument("app")
@@ -135,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--wait", action="store_true")
     deploy.add_argument("--restart-delay", type=float)
     deploy.add_argument("--always-buildout", action="store_true")
-    deploy.add_argument("--batch-size", type=int)
-    deploy.add_argument("--max-failures", type=int, default=0)
+    add_rollout_options(deploy)
     deploy.add_argument("--timeout", type=float, default=3600)
     deploy.add_argument("--targets", nargs="*")
     add_common(deploy)
@@ -147,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", help="release name (default: the one before current)")
     rollback.add_argument("--local", action="store_true")
     rollback.add_argument("--wait", action="store_true")
+    add_rollout_options(rollback)
     rollback.add_argument("--timeout", type=float, default=3600)
     rollback.add_argument("--targets", nargs="*")
     add_common(rollback)
@@ -162,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate an agent configuration file")
     check.add_argument("file")
     check.set_defaults(func=cmd_config_check)
+    from agent.operator_cli import add_config_push, add_operator_arguments
+
+    add_config_push(config_sub)
+    add_operator_arguments(sub)
 
     keys = sub.add_parser("keys", help="operator signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -164,6 +164,7 @@ class AgentConfig(Model):
     stack_config: dict[str, Any] = Field(default_factory=dict)
     templates: list[TemplateConfig] = Field(default_factory=list)
     shutdown_grace: float = Field(default=600, ge=0)
+    membership_debounce: float = Field(default=2.0, ge=0, le=600)
 
     def app(self, name: str) -> AppConfig:
         """The app called ``name``; a clear error naming the known ones otherwise."""

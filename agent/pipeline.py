@@ -171,6 +171,9 @@ class Pipeline:
     async def configure(self, app: str) -> Outcome:
         return await self._run("configure", app, lambda: self._configure(app))
 
+    async def restart(self, app: str, *, restart_delay: float | None = None) -> Outcome:
+        return await self._run("restart", app, lambda: self._restart(app, restart_delay))
+
     async def _run(self, kind: str, app: str, body: Callable[[], Awaitable[Outcome]]) -> Outcome:
         """Every command ends in one Outcome and one summary event, even when it fails."""
         started = time.monotonic()
@@ -328,6 +331,16 @@ class Pipeline:
                           release=target.name,
                           message=f"rolled back to {target.name} ({target.sha[:12]})")
         outcome.details["restart"] = await self.restart_clients(app, None)
+        return outcome
+
+    async def _restart(self, app: str, restart_delay: float | None) -> Outcome:
+        """A rolling restart of the live release, without building anything."""
+        current = self.manager(app).current()
+        if current is None:
+            raise ReleaseError(f"{app} is not deployed here yet: nothing to restart")
+        outcome = Outcome(kind="restart", app=app, status="succeeded", revision=current.sha,
+                          release=current.name, message=f"clients of {current.name} restarted")
+        outcome.details["restart"] = await self.restart_clients(app, restart_delay)
         return outcome
 
     async def _configure(self, app: str) -> Outcome:

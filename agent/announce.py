@@ -1,0 +1,124 @@
+"""What this agent tells the broker: its presence, its events and its last results.
+
+Builders only (no I/O beyond reading release markers), so the daemon stays about lifecycle.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.errors import AgentError
+from agent.pipeline import HostFacts, Outcome
+from agent.plan import ClientLayout
+from agent.protocol import (
+    AppPresence,
+    AppStatus,
+    ClientInfo,
+    Command,
+    Event,
+    Presence,
+    StatusRecord,
+)
+from agent.releases import ReleaseManager
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def app_presence(config: AgentConfig, app: str) -> AppPresence | None:
+    cfg = config.apps[app]
+    try:
+        mgr = ReleaseManager(root=config.paths.root, app=app, repository=cfg.repository,
+                             keep_releases=cfg.keep_releases, shared_dirs=cfg.shared_dirs)
+        current = mgr.current()
+    except (AgentError, OSError):
+        return None
+    if current is None:
+        return None
+    try:
+        built = datetime.fromisoformat(current.built_at)
+    except ValueError:
+        built = None
+    return AppPresence(release=current.name, revision=current.sha, deployed_at=built)
+
+
+def presence(config: AgentConfig, facts: HostFacts, layout: ClientLayout | None,
+             since: datetime) -> Presence:
+    """The retained announcement: who we are, what we run, which release is live."""
+    apps = {}
+    for app in sorted(config.apps):
+        info = app_presence(config, app) if config.carries(app) else None
+        if info is not None:
+            apps[app] = info
+    clients = []
+    if layout is not None and any(config.carries(a) for a in config.apps):
+        clients = [ClientInfo(name=n, port=p) for n, p in layout.ports.items()]
+    return Presence(instance=config.instance.id, state="online", address=config.instance.address,
+                    layers=list(config.instance.layers), apps=apps, cpu_count=facts.cpu_count,
+                    memory_mb=facts.memory_mb, clients=clients, agent_version=__version__,
+                    since=since)
+
+
+def offline(config: AgentConfig) -> Presence:
+    """The Last Will, and what a clean shutdown publishes."""
+    return Presence(instance=config.instance.id, state="offline",
+                    address=config.instance.address, layers=list(config.instance.layers),
+                    agent_version=__version__, since=now())
+
+
+def event(config: AgentConfig, command: Command | None, *, phase: str, status: str,
+          message: str = "", app: str | None = None, details: dict[str, Any] | None = None,
+          kind: str | None = None, command_id: UUID | None = None) -> Event:
+    return Event.model_validate({
+        "instance": config.instance.id,
+        "command_id": command.id if command else command_id,
+        "kind": command.kind if command else kind,
+        "app": app if app is not None else (command.app if command else None),
+        "phase": phase, "status": status, "message": message[:16000],
+        "details": jsonable(details or {}), "at": now(),
+    })
+
+
+def jsonable(value: Any) -> Any:
+    """Details as plain JSON types (paths and the like become strings)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def result_details(outcome: Outcome) -> dict[str, Any]:
+    return {"revision": outcome.revision, "release": outcome.release,
+            "decision": outcome.decision, "error": outcome.error, "seconds": outcome.seconds,
+            "kind": outcome.kind, **outcome.details}
+
+
+def combine(outcomes: list[Outcome]) -> tuple[str, str]:
+    """One status for several apps: failed if any failed, unchanged if all were."""
+    if not outcomes:
+        return "unchanged", "no app of this instance to configure"
+    if any(o.status == "failed" for o in outcomes):
+        status = "failed"
+    elif all(o.status == "unchanged" for o in outcomes):
+        status = "unchanged"
+    else:
+        status = "succeeded"
+    return status, "; ".join(f"{o.app}: {o.message}" for o in outcomes)
+
+
+def status_record(config: AgentConfig, previous: StatusRecord | None, outcome: Outcome,
+                  command: Command | None) -> StatusRecord:
+    apps = dict(previous.apps) if previous else {}
+    apps[outcome.app] = AppStatus.model_validate({
+        "command_id": command.id if command else None, "kind": outcome.kind,
+        "status": outcome.status, "release": outcome.release, "revision": outcome.revision,
+        "message": outcome.message[:16000], "at": now()})
+    return StatusRecord(instance=config.instance.id, apps=apps, updated_at=now())

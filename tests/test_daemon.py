@@ -1,0 +1,247 @@
+"""The agent daemon against a real private Mosquitto, with several agents in their own
+processes deploying the example site with real git and real buildout runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from agent_helpers import (
+    APP,
+    TOPICS,
+    AgentProcess,
+    Operator,
+    events,
+    results,
+    running_agents,
+    wait_results,
+)
+from mosquitto_helpers import Collector, retained, running_mosquitto
+from site_helpers import SiteRepo
+
+from agent.protocol import Presence, StatusRecord, parse_message
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    with running_mosquitto(tmp_path / "broker") as broker:
+        yield broker
+
+
+@pytest.fixture
+def operator(broker, tmp_path: Path) -> Operator:
+    return Operator.create(broker.port, tmp_path / "operator")
+
+
+def agent(tmp_path: Path, name: str, broker, site_repo: SiteRepo, operator: Operator,
+          address: str, **overrides) -> AgentProcess:
+    return AgentProcess.create(tmp_path / name, name, port=broker.port, repo=site_repo,
+                               operator=operator, address=address, **overrides)
+
+
+def presence_of(broker, name: str) -> Presence:
+    return parse_message(Presence, retained(broker.port, TOPICS.instance(name)).payload)
+
+
+def test_a_deploy_reaches_every_targeted_agent_and_each_reports(tmp_path, broker, operator,
+                                                                 site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
+    db = agent(tmp_path, "db-1", broker, site_repo, operator, "127.0.0.4", **{
+        "instance.layers": ["zeoserver"]})
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, \
+            running_agents(web1, web2, db):
+        command = operator.command("deploy")
+        operator.send(command)
+        found = wait_results(seen, command, {"web-1", "web-2", "db-1"})
+        for name in ("web-1", "web-2"):
+            assert found[name].status == "succeeded", found[name].message
+            assert found[name].details["revision"] == site_repo.head()
+            assert found[name].details["decision"] == "new-revision"
+        # db-1 does not carry the app's layer: it ran configure instead, and said so.
+        assert found["db-1"].status == "unchanged" and found["db-1"].kind == "deploy"
+        phases = [e.phase for e in events(seen) if e.instance == "web-1"
+                  and e.command_id == command.id]
+        assert phases[0] == "received" and phases[-1] == "result"
+        assert {"fetch", "buildout", "switch"} <= set(phases)
+        presence = presence_of(broker, "web-1")
+        assert presence.state == "online"
+        assert presence.apps[APP].revision == site_repo.head()
+        status = parse_message(StatusRecord,
+                               retained(broker.port, TOPICS.status("web-1")).payload)
+        assert status.apps[APP].status == "succeeded"
+        targeted = operator.command("deploy", targets=["web-2"], always_buildout=True)
+        operator.send(targeted)
+        only = wait_results(seen, targeted, {"web-2"})
+        assert only["web-2"].status == "succeeded"
+        time.sleep(1)
+        assert set(results(seen, targeted)) == {"web-2"}
+
+
+def test_a_command_sent_while_an_agent_is_down_runs_when_it_comes_back(tmp_path, broker,
+                                                                       operator, site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen:
+        with running_agents(web1):
+            pass  # first run: the persistent session and its subscriptions now exist
+        command = operator.command("deploy")
+        operator.send(command)
+        time.sleep(0.5)
+        with running_agents(web1):
+            found = wait_results(seen, command, {"web-1"})
+        assert found["web-1"].status == "succeeded", found["web-1"].message
+
+
+def test_bad_commands_are_rejected_with_a_reason_and_the_agent_keeps_serving(
+        tmp_path, broker, operator, site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    stranger = Operator.create(broker.port, tmp_path / "stranger")
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, running_agents(web1):
+        unsigned = operator.command("deploy", sign=False)
+        forged = stranger.command("deploy")
+        stale = operator.command("deploy", sign=False).model_copy(
+            update={"issued_at": datetime.now(UTC) - timedelta(hours=2)})
+        from agent.keys import load_private_key
+        from agent.protocol import sign_command
+        stale = sign_command(stale, load_private_key(operator.key_path))
+        unknown = operator.command("deploy", app="no-such-app")
+        for bad in (unsigned, forged, stale, unknown):
+            operator.send(bad)
+        operator.send(b"{not json")
+        operator.send(json.dumps({"id": "x", "kind": "deploy", "colour": "red"}).encode())
+        operator.send(b"[" * 10_000)
+        reasons = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(reasons) < 7:
+            reasons = {i: e.message for i, e in enumerate(
+                e for e in events(seen) if e.status == "rejected")}
+            time.sleep(0.2)
+        text = "\n".join(reasons.values())
+        assert len(reasons) == 7, text
+        for expected in ("unsigned", "trusted key", "past", "unknown app", "JSON", "nested"):
+            assert expected in text, (expected, text)
+        good = operator.command("deploy")
+        operator.send(good)
+        assert wait_results(seen, good, {"web-1"})["web-1"].status == "succeeded"
+        operator.send(good)  # the same id again: a replay
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            replays = [e for e in events(seen) if e.command_id == good.id
+                       and e.status == "rejected"]
+            if replays:
+                break
+            time.sleep(0.2)
+        assert replays and "already received" in replays[0].message
+        assert web1.process is not None and web1.process.poll() is None
+
+
+def test_sigkill_marks_the_agent_offline_and_the_others_reconfigure(tmp_path, broker,
+                                                                     operator, site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, \
+            running_agents(web1, web2):
+        command = operator.command("deploy")
+        operator.send(command)
+        wait_results(seen, command, {"web-1", "web-2"})
+        cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
+        assert "plone_instances = 127.0.0.2 127.0.0.3" in cfg
+        killed_at = datetime.now(UTC)
+        web2.kill()
+        deadline = time.monotonic() + 30
+        while presence_of(broker, "web-2").state != "offline":
+            assert time.monotonic() < deadline, "the Last Will never marked web-2 offline"
+            time.sleep(0.5)
+        found = wait_results(seen, None, {"web-1"}, kind="configure", timeout=60,
+                             after=killed_at)
+        assert found["web-1"].status == "succeeded", found["web-1"].message
+        cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
+        assert "plone_instances = 127.0.0.2\n" in cfg
+
+
+def test_a_burst_of_joins_gives_one_debounced_reconfigure(tmp_path, broker, operator,
+                                                          site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2",
+                 membership_debounce=3)
+    others = [agent(tmp_path, f"web-{n}", broker, site_repo, operator, f"127.0.0.{n + 1}")
+              for n in (2, 3, 4)]
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, running_agents(web1):
+        command = operator.command("deploy", targets=["web-1"])
+        operator.send(command)
+        wait_results(seen, command, {"web-1"})
+        joined_at = datetime.now(UTC)
+        with running_agents(*others):
+            found = wait_results(seen, None, {"web-1"}, kind="configure", timeout=60,
+                                 after=joined_at)
+            assert found["web-1"].status == "succeeded", found["web-1"].message
+            time.sleep(4)
+            runs = [e for e in events(seen) if e.instance == "web-1" and e.command_id is None
+                    and e.phase == "result" and e.at > joined_at]
+            assert len(runs) == 1, [e.message for e in runs]
+            cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
+            assert "plone_instances = 127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5" in cfg
+
+
+def test_broker_restart_mid_deploy_agents_reconnect_and_report(tmp_path, broker, operator,
+                                                                site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    with Collector(broker.port, ["deploy-agent/test/events/+"], client_id="watcher",
+                   clean_session=False) as seen, running_agents(web1):
+        command = operator.command("deploy")
+        operator.send(command)
+        web1.wait_logged("pipeline.phase", phase="buildout", status="started")
+        broker.stop()
+        time.sleep(2)
+        broker.start()
+        found = wait_results(seen, command, {"web-1"}, timeout=120)
+        assert found["web-1"].status == "succeeded", found["web-1"].message
+        web1.wait_logged("mqtt.disconnected")
+        assert len([e for e in web1.logs() if e.get("event") == "mqtt.connected"]) >= 2
+
+
+def test_sigterm_waits_for_the_running_deploy_then_publishes_offline(tmp_path, broker,
+                                                                      operator, site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen:
+        web1.start()
+        web1.wait_logged("mqtt.connected")
+        command = operator.command("deploy")
+        operator.send(command)
+        web1.wait_logged("pipeline.phase", phase="buildout", status="started")
+        assert web1.stop(signal.SIGTERM) == 0
+        assert results(seen, command)["web-1"].status == "succeeded"
+        assert presence_of(broker, "web-1").state == "offline"
+
+
+def test_sigkill_mid_deploy_is_reported_interrupted_and_current_stays_valid(
+        tmp_path, broker, operator, site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen:
+        with running_agents(web1):
+            first = operator.command("deploy")
+            operator.send(first)
+            wait_results(seen, first, {"web-1"})
+        live = (tmp_path / "web-1" / "srv" / APP / "current").resolve()
+        site_repo.commit({"VERSION": "2\n"})
+        web1.start()
+        web1.wait_logged("mqtt.connected")
+        second = operator.command("deploy")
+        operator.send(second)
+        web1.wait_logged("pipeline.phase", phase="buildout", status="started")
+        web1.kill()
+        assert (tmp_path / "web-1" / "srv" / APP / "current").resolve() == live
+        with running_agents(web1):
+            found = wait_results(seen, second, {"web-1"})
+            assert found["web-1"].status == "interrupted"
+            third = operator.command("deploy")
+            operator.send(third)
+            assert wait_results(seen, third, {"web-1"})["web-1"].status == "succeeded"
+        releases = sorted(p.name for p in (tmp_path / "web-1" / "srv" / APP / "releases").iterdir())
+        assert len(releases) == 2  # the half-built one was cleaned at start-up
+        assert (tmp_path / "web-1" / "srv" / APP / "current" / "VERSION").read_text() == "2\n"
