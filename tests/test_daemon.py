@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +22,7 @@ from agent_helpers import (
     running_agents,
     wait_results,
 )
+from conftest import require_binary
 from mosquitto_helpers import Collector, retained, running_mosquitto
 from site_helpers import SiteRepo
 
@@ -245,3 +248,39 @@ def test_sigkill_mid_deploy_is_reported_interrupted_and_current_stays_valid(
         releases = sorted(p.name for p in (tmp_path / "web-1" / "srv" / APP / "releases").iterdir())
         assert len(releases) == 2  # the half-built one was cleaned at start-up
         assert (tmp_path / "web-1" / "srv" / APP / "current" / "VERSION").read_text() == "2\n"
+
+
+def test_a_frontend_rewrites_its_haproxy_backends_when_instances_come_and_go(
+        tmp_path, broker, operator, site_repo):
+    backends = tmp_path / "lb" / "haproxy.cfg"
+    reloads = tmp_path / "lb" / "reloads"
+    backends.parent.mkdir()
+    template = {"source": str(Path(__file__).resolve().parent.parent / "config" /
+                              "haproxy.cfg.tmpl"),
+                "destination": str(backends),
+                "reload": [sys.executable, "-c",
+                           f"open({str(reloads)!r}, 'a').write('reload\\n')"],
+                "layers": ["frontend"]}
+    lb = agent(tmp_path, "lb-1", broker, site_repo, operator, "127.0.0.9",
+               **{"instance.layers": ["frontend"], "templates": [template],
+                  "stack_config.haproxy": {"bind": "127.0.0.1:8000", "user": "", "group": "",
+                                           "log": ""}})
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
+    with running_agents(lb, web1):
+        deadline = time.monotonic() + 60
+        while not backends.exists() or "127.0.0.2:" not in backends.read_text():
+            assert time.monotonic() < deadline, lb.tail()
+            time.sleep(0.3)
+        with running_agents(web2):
+            while "127.0.0.3:" not in backends.read_text():
+                assert time.monotonic() < deadline + 60, lb.tail()
+                time.sleep(0.3)
+        while "127.0.0.3:" in backends.read_text():  # web-2 stopped: offline, removed
+            assert time.monotonic() < deadline + 120, lb.tail()
+            time.sleep(0.3)
+        haproxy = require_binary("haproxy")
+        check = subprocess.run([haproxy, "-c", "-q", "-f", str(backends)], capture_output=True,
+                               text=True)
+        assert check.returncode == 0, check.stderr + backends.read_text()
+        assert reloads.read_text().count("reload") >= 3

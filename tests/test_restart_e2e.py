@@ -221,3 +221,27 @@ async def test_halt_without_rollback_leaves_the_rest_serving_the_old_code(site):
     assert "client1" in outcome.message
     for port in ports[1:]:
         assert get(f"http://127.0.0.1:{port}/").split()[1] == "version=1"
+
+
+def with_clients(config: AgentConfig, count: int) -> AgentConfig:
+    plone = {**config.stack_config["plone_instances"], "instance_count": count}
+    return config.model_copy(update={"stack_config": {**config.stack_config,
+                                                      "plone_instances": plone}})
+
+
+async def test_a_new_client_count_adds_and_removes_programs_one_at_a_time(site):
+    config, _, _ = site
+    ports = client_ports(config)
+    first = await pipeline(with_clients(config, 2)).deploy(APP)
+    assert first.status == "succeeded", first.message
+    grown = await pipeline(with_clients(config, 3)).deploy(APP)
+    assert grown.status == "succeeded" and grown.decision == "config-changed", grown.message
+    actions = {p["name"]: p["action"] for p in grown.details["restart"]["programs"]}
+    assert actions == {"client1": "restarted", "client2": "restarted", "client3": "added"}
+    assert get(f"http://127.0.0.1:{ports[2]}/").split()[2] == "client=client3"
+    shrunk = await pipeline(with_clients(config, 1)).deploy(APP)
+    assert shrunk.status == "succeeded", shrunk.message
+    assert sorted(shrunk.details["restart"]["removed"]) == ["client2", "client3"]
+    with pytest.raises(OSError):
+        get(f"http://127.0.0.1:{ports[1]}/")
+    assert get(f"http://127.0.0.1:{ports[0]}/").split()[2] == "client=client1"
