@@ -91,6 +91,7 @@ class Daemon:
                            (self.topics.config, 1)],
         )
         self.session.on_connect.append(self.announce)
+        self.session.on_connect.append(self.connected_status)
         self.reconfigure = Debouncer(config.membership_debounce, self.enqueue_configure,
                                      name="membership")
         self.log_sink = self.session.log_sink(self.topics.logs(config.instance.id))
@@ -197,6 +198,11 @@ class Daemon:
         return Pipeline(self.config, store=self.store, restarter=restarter_for(self.config),
                         members=self.fleet.members, stack_config=self.stack_config,
                         facts=self.facts, emit=emit)
+
+    async def connected_status(self) -> None:
+        broker = self.config.broker
+        assert broker is not None
+        notify(f"STATUS=connected to {broker.host}:{broker.port}, idle")
 
     @staticmethod
     def retained(topic: str, payload: bytes) -> Outgoing:

@@ -189,15 +189,21 @@ def _unique(items: Iterable[str]) -> list[str]:
 
 
 def _health_urls(plan: RestartPlan, steps: Sequence[_Step]) -> dict[str, str]:
-    """Every program's health URL, resolved before anything is stopped (a missing port
-    is a configuration error, and must not be found halfway through a roll)."""
+    """Every program's health URL, resolved before anything is stopped (a bad template is
+    a configuration error, and must not be found halfway through a roll). A program with
+    no port (a celery worker among the clients) is healthy once RUNNING."""
     if plan.health_url is None:
         return {}
-    return {
-        proc.name: health_url_for(plan.health_url, name=proc.name, port=plan.ports.get(proc.name))
-        for step in steps
-        for proc in step.programs
-    }
+    urls = {}
+    for step in steps:
+        for proc in step.programs:
+            port = plan.ports.get(proc.name)
+            if port is None and "{port}" in plan.health_url:
+                log.info("restart.no_health_url", program=proc.name,
+                         reason="no port known for it: RUNNING is its health check")
+                continue
+            urls[proc.name] = health_url_for(plan.health_url, name=proc.name, port=port)
+    return urls
 
 
 async def _stop_step(client: SupervisorClient, step: _Step) -> None:
