@@ -34,6 +34,7 @@ from agent.protocol import (
     InvalidMessage,
     Presence,
     SignedConfig,
+    StatusRecord,
     Topics,
     encode,
     parse_message,
@@ -75,7 +76,7 @@ class Daemon:
         self.fleet = Fleet(self.presence())
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
         self.seen: set[str] = set(self.store.load().processed)
-        self.status_record = None
+        self.status_record: StatusRecord | None = None
         self.configure_queued = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -370,6 +371,7 @@ class Daemon:
 
     def report(self, command: Command | None, outcomes: list[Outcome], run_as: str) -> None:
         """The final event of a command, and the retained last result per app."""
+        status: str
         if len(outcomes) == 1:
             outcome = outcomes[0]
             status, message = outcome.status, outcome.message

@@ -24,7 +24,7 @@ class ConfigError(AgentError):
 
     def __str__(self) -> str:
         if not self.problems:
-            return self.args[0]
+            return str(self.args[0])
         return "\n".join([self.args[0], *(f"  - {p}" for p in self.problems)])
 
 

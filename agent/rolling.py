@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -305,7 +305,7 @@ async def _all_at_once(
     """Stop all, start all, then wait for all (OpsWorks' way; a window with none serving)."""
     await asyncio.gather(*(_stop_step(client, step) for step in steps))
     started = time.monotonic()
-    waits = []
+    waits: list[Coroutine[Any, Any, ProgramRestart]] = []
     try:
         await asyncio.gather(*(_start_step(client, step) for step in steps))
     except _Unhealthy as exc:

@@ -143,7 +143,7 @@ class SupervisorClient:
         if parts.scheme == "https":
             # SupervisorTransport only knows http:// and unix://; same transport, TLS socket.
             context = ssl.create_default_context()
-            transport._get_connection = lambda: http.client.HTTPSConnection(  # type: ignore[attr-defined]
+            transport._get_connection = lambda: http.client.HTTPSConnection(
                 parts.hostname or "", port, context=context
             )
         return transport
