@@ -11,7 +11,7 @@ AGENT = Path(__file__).resolve().parent.parent / "agent"
 
 LAYERS: list[set[str]] = [
     {"errors", "log", "sdnotify", "__init__"},
-    {"config", "stackconfig", "plan", "keys", "protocol", "render", "state", "intake"},
+    {"config", "stackconfig", "plan", "keys", "wire", "protocol", "render", "state", "intake"},
     {"gitmirror", "releases", "buildout", "health", "supervisor", "rolling", "mqtt",
      "templates", "fleet"},
     {"pipeline", "restart", "announce"},

@@ -28,7 +28,6 @@ from agent.protocol import (
     SignedConfig,
     StatusRecord,
     Topics,
-    _nested_deeper_than,
     canonical_json,
     check_revision,
     encode,
@@ -39,6 +38,7 @@ from agent.protocol import (
     verify_command,
     verify_config,
 )
+from agent.wire import nested_deeper_than
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 COMMAND_ID = "0b5e4c1e-8d8f-4c55-9a34-3f7a3f0e9b10"
@@ -263,7 +263,7 @@ def test_the_depth_scan_agrees_with_the_real_nesting_of_any_json(
     value: Any, limit: int, ascii_only: bool
 ) -> None:
     text = json.dumps(value, ensure_ascii=ascii_only)
-    assert _nested_deeper_than(text, limit) == (nesting(value) > limit)
+    assert nested_deeper_than(text, limit) == (nesting(value) > limit)
 
 
 @pytest.mark.parametrize(
