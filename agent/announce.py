@@ -12,6 +12,7 @@ from uuid import UUID
 from agent import __version__
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.log import REDACTED, SECRET_KEY, strip_url_password
 from agent.pipeline import HostFacts, Outcome
 from agent.plan import ClientLayout
 from agent.protocol import (
@@ -79,20 +80,24 @@ def event(config: AgentConfig, command: Command | None, *, phase: str, status: s
         "command_id": command.id if command else command_id,
         "kind": command.kind if command else kind,
         "app": app if app is not None else (command.app if command else None),
-        "phase": phase, "status": status, "message": message[:16000],
+        "phase": phase, "status": status, "message": strip_url_password(message)[:16000],
         "details": jsonable(details or {}), "at": now(),
     })
 
 
 def jsonable(value: Any) -> Any:
-    """Details as plain JSON types (paths and the like become strings)."""
+    """Details as plain JSON types (paths and the like become strings), with any password
+    in a URL masked and secret-looking keys redacted, as in the logs."""
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): REDACTED if SECRET_KEY.search(str(k)) else jsonable(v)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return strip_url_password(value)
+    if value is None or isinstance(value, (bool, int, float)):
         return value
-    return str(value)
+    return strip_url_password(str(value))
 
 
 def result_details(outcome: Outcome) -> dict[str, Any]:
