@@ -188,7 +188,7 @@ class Daemon:
     def presence(self) -> Presence:
         settings = stack_settings(self.stack_config)
         layout = client_layout(settings.plone_instances, cpu_count=self.facts.cpu_count,
-                               memory_mb=self.facts.memory_mb)
+                               memory_mb=self.facts.memory_mb, layers=self.config.instance.layers)
         return announce.presence(self.config, self.facts, layout, self.started_at)
 
     def pipeline(self, command: Command | None) -> Pipeline:

@@ -218,6 +218,7 @@ async def connect(config: OperatorConfig) -> AsyncIterator[aiomqtt.Client]:
         keepalive=broker.keepalive,
         timeout=CONNECT_TIMEOUT,
         tls_context=_tls_context(broker.tls) if broker.tls else None,
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
     connected = False
     try:

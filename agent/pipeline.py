@@ -140,7 +140,7 @@ class Pipeline:
 
     def layout(self, settings: StackSettings) -> ClientLayout:
         return client_layout(settings.plone_instances, cpu_count=self.facts.cpu_count,
-                             memory_mb=self.facts.memory_mb)
+                             memory_mb=self.facts.memory_mb, layers=self.config.instance.layers)
 
     def render(self, app: str, sha: str, settings: StackSettings) -> bytes:
         inst = self.config.instance

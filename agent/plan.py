@@ -6,6 +6,7 @@ No I/O here, so every branch is covered by fast unit tests.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,7 +61,17 @@ def client_count(settings: PloneInstances, *, cpu_count: int, memory_mb: int) ->
     return count
 
 
-def client_layout(settings: PloneInstances, *, cpu_count: int, memory_mb: int) -> ClientLayout:
+def service_only(settings: PloneInstances, layers: Sequence[str]) -> bool:
+    """True for an instance that only carries service layers (the ZEO server, Solr, the
+    Celery broker): like the cookbook's database server, it runs no ZEO clients."""
+    services = {settings.zeo_layer, settings.solr_layer, settings.broker_layer}
+    return bool(layers) and set(layers) <= services
+
+
+def client_layout(settings: PloneInstances, *, cpu_count: int, memory_mb: int,
+                  layers: Sequence[str] = ()) -> ClientLayout:
+    if service_only(settings, layers):
+        return ClientLayout(count=0, base_port=settings.base_port)
     count = client_count(settings, cpu_count=cpu_count, memory_mb=memory_mb)
     return ClientLayout(count=count, base_port=settings.base_port)
 

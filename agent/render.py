@@ -94,7 +94,7 @@ def buildout_section(inp: RenderInput) -> str:
     parts += deploy.buildout_parts_to_include
     lines = [
         option("extends", extends, what="buildout"),
-        f"parts += {scalar(parts, what='buildout.parts')}",
+        *([f"parts += {scalar(parts, what='buildout.parts')}"] if parts else []),
         option("eggs-directory", shared / "eggs", what="buildout"),
         option("download-cache", shared / "downloads", what="buildout"),
     ]
@@ -143,6 +143,8 @@ def environment(inp: RenderInput) -> dict[str, str]:
 
 
 def client_sections(inp: RenderInput) -> list[str]:
+    if inp.layout.count == 0:
+        return []
     plone = inp.settings.plone_instances
     ports = inp.layout.ports
     first = [option("http-address", ports["client1"], what="client1")]

@@ -98,6 +98,7 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1",
             f"allow_anonymous {'false' if passwords else 'true'}",
             "persistence true",
+            "set_tcp_nodelay true",
             f"persistence_location {self.directory}/",
             "autosave_interval 1",
             f"log_dest file {self.log_path}",

@@ -72,3 +72,13 @@ def test_first_online_picks_lowest_id_among_online_members_of_the_layer():
     chosen = first_online(members, "zeoserver")
     assert chosen is not None and chosen.id == "zeo-b"
     assert first_online(members, "solr") is None
+
+
+def test_an_instance_with_only_service_layers_runs_no_clients():
+    settings = PloneInstances(per_cpu=2)
+
+    def count(*layers: str) -> int:
+        return client_layout(settings, cpu_count=1, memory_mb=1, layers=layers).count
+
+    assert count("zeoserver") == 0 and count("zeoserver", "solr") == 0
+    assert count("zeoserver", "plone_instances") == 2 and count() == 2

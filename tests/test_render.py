@@ -229,3 +229,14 @@ def test_arbitrary_stack_values_never_add_sections_or_options(extra):
         all(k.startswith(("custom.", "plone", "deploy")) for k in parsed["stack_config"])
         or not extra
     )
+
+
+def test_a_zeoserver_only_instance_gets_no_client_sections():
+    settings = stack_settings({})
+    cfg = parse(render_deploy_cfg(make_input(
+        {}, layers=("zeoserver",),
+        layout=client_layout(settings.plone_instances, cpu_count=4, memory_mb=1,
+                             layers=["zeoserver"]))))
+    assert not cfg.has_section("client1")
+    assert "parts +" not in cfg["buildout"]
+    assert cfg["deploy"]["client_count"] == "0"
