@@ -34,8 +34,13 @@ def now() -> datetime:
 def app_presence(config: AgentConfig, app: str) -> AppPresence | None:
     cfg = config.apps[app]
     try:
-        mgr = ReleaseManager(root=config.paths.root, app=app, repository=cfg.repository,
-                             keep_releases=cfg.keep_releases, shared_dirs=cfg.shared_dirs)
+        mgr = ReleaseManager(
+            root=config.paths.root,
+            app=app,
+            repository=cfg.repository,
+            keep_releases=cfg.keep_releases,
+            shared_dirs=cfg.shared_dirs,
+        )
         current = mgr.current()
     except (AgentError, OSError):
         return None
@@ -48,8 +53,9 @@ def app_presence(config: AgentConfig, app: str) -> AppPresence | None:
     return AppPresence(release=current.name, revision=current.sha, deployed_at=built)
 
 
-def presence(config: AgentConfig, facts: HostFacts, layout: ClientLayout | None,
-             since: datetime) -> Presence:
+def presence(
+    config: AgentConfig, facts: HostFacts, layout: ClientLayout | None, since: datetime
+) -> Presence:
     """The retained announcement: who we are, what we run, which release is live."""
     apps = {}
     for app in sorted(config.apps):
@@ -59,38 +65,66 @@ def presence(config: AgentConfig, facts: HostFacts, layout: ClientLayout | None,
     clients = []
     if layout is not None and any(config.carries(a) for a in config.apps):
         clients = [ClientInfo(name=n, port=p) for n, p in layout.ports.items()]
-    return Presence(instance=config.instance.id, state="online", address=config.instance.address,
-                    layers=list(config.instance.layers), apps=apps, cpu_count=facts.cpu_count,
-                    memory_mb=facts.memory_mb, clients=clients, agent_version=__version__,
-                    since=since)
+    return Presence(
+        instance=config.instance.id,
+        state="online",
+        address=config.instance.address,
+        layers=list(config.instance.layers),
+        apps=apps,
+        cpu_count=facts.cpu_count,
+        memory_mb=facts.memory_mb,
+        clients=clients,
+        agent_version=__version__,
+        since=since,
+    )
 
 
 def offline(config: AgentConfig) -> Presence:
     """The Last Will, and what a clean shutdown publishes."""
-    return Presence(instance=config.instance.id, state="offline",
-                    address=config.instance.address, layers=list(config.instance.layers),
-                    agent_version=__version__, since=now())
+    return Presence(
+        instance=config.instance.id,
+        state="offline",
+        address=config.instance.address,
+        layers=list(config.instance.layers),
+        agent_version=__version__,
+        since=now(),
+    )
 
 
-def event(config: AgentConfig, command: Command | None, *, phase: str, status: str,
-          message: str = "", app: str | None = None, details: dict[str, Any] | None = None,
-          kind: str | None = None, command_id: UUID | None = None) -> Event:
-    return Event.model_validate({
-        "instance": config.instance.id,
-        "command_id": command.id if command else command_id,
-        "kind": command.kind if command else kind,
-        "app": app if app is not None else (command.app if command else None),
-        "phase": phase, "status": status, "message": strip_url_password(message)[:16000],
-        "details": jsonable(details or {}), "at": now(),
-    })
+def event(
+    config: AgentConfig,
+    command: Command | None,
+    *,
+    phase: str,
+    status: str,
+    message: str = "",
+    app: str | None = None,
+    details: dict[str, Any] | None = None,
+    kind: str | None = None,
+    command_id: UUID | None = None,
+) -> Event:
+    return Event.model_validate(
+        {
+            "instance": config.instance.id,
+            "command_id": command.id if command else command_id,
+            "kind": command.kind if command else kind,
+            "app": app if app is not None else (command.app if command else None),
+            "phase": phase,
+            "status": status,
+            "message": strip_url_password(message)[:16000],
+            "details": jsonable(details or {}),
+            "at": now(),
+        }
+    )
 
 
 def jsonable(value: Any) -> Any:
     """Details as plain JSON types (paths and the like become strings), with any password
     in a URL masked and secret-looking keys redacted, as in the logs."""
     if isinstance(value, dict):
-        return {str(k): REDACTED if SECRET_KEY.search(str(k)) else jsonable(v)
-                for k, v in value.items()}
+        return {
+            str(k): REDACTED if SECRET_KEY.search(str(k)) else jsonable(v) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, str):
@@ -101,9 +135,15 @@ def jsonable(value: Any) -> Any:
 
 
 def result_details(outcome: Outcome) -> dict[str, Any]:
-    return {"revision": outcome.revision, "release": outcome.release,
-            "decision": outcome.decision, "error": outcome.error, "seconds": outcome.seconds,
-            "kind": outcome.kind, **outcome.details}
+    return {
+        "revision": outcome.revision,
+        "release": outcome.release,
+        "decision": outcome.decision,
+        "error": outcome.error,
+        "seconds": outcome.seconds,
+        "kind": outcome.kind,
+        **outcome.details,
+    }
 
 
 def combine(outcomes: list[Outcome]) -> tuple[str, str]:
@@ -119,11 +159,19 @@ def combine(outcomes: list[Outcome]) -> tuple[str, str]:
     return status, "; ".join(f"{o.app}: {o.message}" for o in outcomes)
 
 
-def status_record(config: AgentConfig, previous: StatusRecord | None, outcome: Outcome,
-                  command: Command | None) -> StatusRecord:
+def status_record(
+    config: AgentConfig, previous: StatusRecord | None, outcome: Outcome, command: Command | None
+) -> StatusRecord:
     apps = dict(previous.apps) if previous else {}
-    apps[outcome.app] = AppStatus.model_validate({
-        "command_id": command.id if command else None, "kind": outcome.kind,
-        "status": outcome.status, "release": outcome.release, "revision": outcome.revision,
-        "message": outcome.message[:16000], "at": now()})
+    apps[outcome.app] = AppStatus.model_validate(
+        {
+            "command_id": command.id if command else None,
+            "kind": outcome.kind,
+            "status": outcome.status,
+            "release": outcome.release,
+            "revision": outcome.revision,
+            "message": outcome.message[:16000],
+            "at": now(),
+        }
+    )
     return StatusRecord(instance=config.instance.id, apps=apps, updated_at=now())

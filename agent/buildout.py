@@ -67,29 +67,45 @@ async def run_step(
     log.info("buildout.step.started", step=step, argv=list(argv))
     try:
         process = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            *argv,
+            cwd=cwd,
+            env=dict(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
     except OSError as exc:
-        raise BuildoutFailed(f"{step}: cannot run {argv[0]!r}: {exc.strerror}",
-                             step=step, returncode=None, output_tail=[]) from exc
+        raise BuildoutFailed(
+            f"{step}: cannot run {argv[0]!r}: {exc.strerror}",
+            step=step,
+            returncode=None,
+            output_tail=[],
+        ) from exc
     assert process.stdout is not None
     try:
         await asyncio.wait_for(_stream(process.stdout, step, tail), timeout)
         returncode = await asyncio.wait_for(process.wait(), max(1.0, timeout))
     except TimeoutError:
         await _terminate(process)
-        raise BuildoutFailed(f"{step} timed out after {timeout:.0f} s and was killed",
-                             step=step, returncode=None, output_tail=list(tail),
-                             timed_out=True) from None
+        raise BuildoutFailed(
+            f"{step} timed out after {timeout:.0f} s and was killed",
+            step=step,
+            returncode=None,
+            output_tail=list(tail),
+            timed_out=True,
+        ) from None
     except BaseException:
         await asyncio.shield(_terminate(process))
         raise
     seconds = time.monotonic() - started
     if returncode != 0:
-        raise BuildoutFailed(f"{step} failed with exit status {returncode}", step=step,
-                             returncode=returncode, output_tail=list(tail))
+        raise BuildoutFailed(
+            f"{step} failed with exit status {returncode}",
+            step=step,
+            returncode=returncode,
+            output_tail=list(tail),
+        )
     log.info("buildout.step.done", step=step, seconds=round(seconds, 2))
     return seconds
 
@@ -111,7 +127,12 @@ async def run_buildout(
     for step, argv in steps:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise BuildoutFailed(f"{step} not started: the {timeout:.0f} s timeout ran out",
-                                 step=step, returncode=None, output_tail=[], timed_out=True)
+            raise BuildoutFailed(
+                f"{step} not started: the {timeout:.0f} s timeout ran out",
+                step=step,
+                returncode=None,
+                output_tail=[],
+                timed_out=True,
+            )
         total += await run_step(argv, cwd=release, step=step, timeout=remaining, env=env)
     return total

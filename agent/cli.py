@@ -71,9 +71,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return remote_deploy(args, config_path(args))
     config = load_config(config_path(args))
     pipeline = local_pipeline(config)
-    outcome = asyncio.run(pipeline.deploy(args.app, revision=args.revision,
-                                          restart_delay=args.restart_delay,
-                                          always_buildout=args.always_buildout or None))
+    outcome = asyncio.run(
+        pipeline.deploy(
+            args.app,
+            revision=args.revision,
+            restart_delay=args.restart_delay,
+            always_buildout=args.always_buildout or None,
+        )
+    )
     print_outcome(outcome, as_json=args.json)
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
@@ -126,8 +131,11 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help=f"agent configuration (default {DEFAULT_CONFIG}"
-                        " or $DEPLOY_AGENT_CONFIG)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        help=f"agent configuration (default {DEFAULT_CONFIG} or $DEPLOY_AGENT_CONFIG)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -135,8 +143,12 @@ def add_rollout_options(parser: argparse.ArgumentParser) -> None:
     batches = parser.add_mutually_exclusive_group()
     batches.add_argument("--batch-size", type=int, help="instances per batch (implies --wait)")
     batches.add_argument("--serial", action="store_true", help="one instance at a time")
-    parser.add_argument("--max-failures", type=int, default=0,
-                        help="stop rolling once more instances than this failed")
+    parser.add_argument(
+        "--max-failures",
+        type=int,
+        default=0,
+        help="stop rolling once more instances than this failed",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,8 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="operator signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_sub.add_parser("generate", help="write an Ed25519 key pair")
-    generate.add_argument("--output", "-o", default="deploy-operator",
-                          help="path prefix: writes PREFIX (private) and PREFIX.pub")
+    generate.add_argument(
+        "--output",
+        "-o",
+        default="deploy-operator",
+        help="path prefix: writes PREFIX (private) and PREFIX.pub",
+    )
     generate.add_argument("--comment", help="a label for the key (default user@host)")
     generate.add_argument("--force", action="store_true")
     generate.set_defaults(func=cmd_keys_generate)

@@ -84,17 +84,26 @@ class Daemon:
         self.exit_requested = asyncio.Event()
         self.force_exit = asyncio.Event()
         self.session = MqttSession(
-            config.broker, client_id=config.broker.client_id
+            config.broker,
+            client_id=config.broker.client_id
             or f"deploy-agent-{config.stack}-{config.instance.id}",
-            will=Outgoing(self.topics.instance(config.instance.id),
-                          encode(announce.offline(config)), qos=1, retain=True),
-            subscriptions=[(self.topics.commands, 1), (self.topics.instances_wildcard, 1),
-                           (self.topics.config, 1)],
+            will=Outgoing(
+                self.topics.instance(config.instance.id),
+                encode(announce.offline(config)),
+                qos=1,
+                retain=True,
+            ),
+            subscriptions=[
+                (self.topics.commands, 1),
+                (self.topics.instances_wildcard, 1),
+                (self.topics.config, 1),
+            ],
         )
         self.session.on_connect.append(self.announce)
         self.session.on_connect.append(self.connected_status)
-        self.reconfigure = Debouncer(config.membership_debounce, self.enqueue_configure,
-                                     name="membership")
+        self.reconfigure = Debouncer(
+            config.membership_debounce, self.enqueue_configure, name="membership"
+        )
         self.log_sink = self.session.log_sink(self.topics.logs(config.instance.id))
 
     # -- the story ------------------------------------------------------------------------
@@ -110,8 +119,13 @@ class Daemon:
     async def startup(self) -> None:
         add_sink(self.log_sink)
         self.recover()
-        log.info("agent.started", instance=self.config.instance.id, stack=self.config.stack,
-                 apps=sorted(self.config.apps), layers=self.config.instance.layers)
+        log.info(
+            "agent.started",
+            instance=self.config.instance.id,
+            stack=self.config.stack,
+            apps=sorted(self.config.apps),
+            layers=self.config.instance.layers,
+        )
 
     async def main_loop(self) -> None:
         tasks = [
@@ -144,13 +158,12 @@ class Daemon:
     async def drain(self) -> None:
         """Stop taking commands; let the running one finish within ``shutdown_grace``."""
         notify("STOPPING=1")
-        log.info("agent.stopping", running=not self.idle.is_set(),
-                 grace=self.config.shutdown_grace)
-        waits = [asyncio.create_task(self.idle.wait()),
-                 asyncio.create_task(self.force_exit.wait())]
+        log.info("agent.stopping", running=not self.idle.is_set(), grace=self.config.shutdown_grace)
+        waits = [asyncio.create_task(self.idle.wait()), asyncio.create_task(self.force_exit.wait())]
         try:
-            await asyncio.wait(waits, timeout=self.config.shutdown_grace,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waits, timeout=self.config.shutdown_grace, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for task in waits:
                 task.cancel()
@@ -162,8 +175,9 @@ class Daemon:
         log.info("agent.stopped")
 
     def offline_message(self) -> Outgoing:
-        return self.retained(self.topics.instance(self.config.instance.id),
-                             encode(announce.offline(self.config)))
+        return self.retained(
+            self.topics.instance(self.config.instance.id), encode(announce.offline(self.config))
+        )
 
     # -- signals --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -187,18 +201,33 @@ class Daemon:
     # -- inputs ---------------------------------------------------------------------------
     def presence(self) -> Presence:
         settings = stack_settings(self.stack_config)
-        layout = client_layout(settings.plone_instances, cpu_count=self.facts.cpu_count,
-                               memory_mb=self.facts.memory_mb, layers=self.config.instance.layers)
+        layout = client_layout(
+            settings.plone_instances,
+            cpu_count=self.facts.cpu_count,
+            memory_mb=self.facts.memory_mb,
+            layers=self.config.instance.layers,
+        )
         return announce.presence(self.config, self.facts, layout, self.started_at)
 
     def pipeline(self, command: Command | None) -> Pipeline:
         async def emit(phase: str, status: str, message: str, details: dict[str, Any]) -> None:
-            self.publish_event(command, phase=phase, status="progress", message=message,
-                               details={"step": status, **details})
+            self.publish_event(
+                command,
+                phase=phase,
+                status="progress",
+                message=message,
+                details={"step": status, **details},
+            )
 
-        return Pipeline(self.config, store=self.store, restarter=restarter_for(self.config),
-                        members=self.fleet.members, stack_config=self.stack_config,
-                        facts=self.facts, emit=emit)
+        return Pipeline(
+            self.config,
+            store=self.store,
+            restarter=restarter_for(self.config),
+            members=self.fleet.members,
+            stack_config=self.stack_config,
+            facts=self.facts,
+            emit=emit,
+        )
 
     async def connected_status(self) -> None:
         broker = self.config.broker
@@ -217,8 +246,7 @@ class Daemon:
 
     def publish_event(self, command: Command | None, **fields: Any) -> None:
         event = announce.event(self.config, command, **fields)
-        self.session.publish(Outgoing(self.topics.events(self.config.instance.id),
-                                      encode(event)))
+        self.session.publish(Outgoing(self.topics.events(self.config.instance.id), encode(event)))
 
     async def on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         if topic == self.topics.commands:
@@ -230,25 +258,37 @@ class Daemon:
 
     def on_command(self, payload: bytes) -> None:
         """Parse, verify, journal, queue: the broker's ack follows this return."""
-        verdict = accept(payload, config=self.config, trusted=self.trusted,
-                         seen=self.seen, now=announce.now())
+        verdict = accept(
+            payload, config=self.config, trusted=self.trusted, seen=self.seen, now=announce.now()
+        )
         if isinstance(verdict, Ignored):
             return
         if isinstance(verdict, Rejected):
-            log.warning("command.rejected", reason=verdict.reason,
-                        command_id=str(verdict.command.id) if verdict.command else None)
-            self.publish_event(verdict.command, phase="result", status="rejected",
-                               message=verdict.reason)
+            log.warning(
+                "command.rejected",
+                reason=verdict.reason,
+                command_id=str(verdict.command.id) if verdict.command else None,
+            )
+            self.publish_event(
+                verdict.command, phase="result", status="rejected", message=verdict.reason
+            )
             return
         command = verdict.command
         if self.should_exit:
             log.info("command.deferred", command_id=str(command.id))
-        self.store.journal(str(command.id), {"id": str(command.id), "state": "queued",
-                                             "run_as": verdict.run_as,
-                                             "command": json.loads(encode(command))})
+        self.store.journal(
+            str(command.id),
+            {
+                "id": str(command.id),
+                "state": "queued",
+                "run_as": verdict.run_as,
+                "command": json.loads(encode(command)),
+            },
+        )
         self.seen.add(str(command.id))
-        self.publish_event(command, phase="received", status="started",
-                           message=f"queued as {verdict.run_as}")
+        self.publish_event(
+            command, phase="received", status="started", message=f"queued as {verdict.run_as}"
+        )
         self.queue.put_nowait(Work(verdict.run_as, command))
 
     def on_presence(self, instance: str, payload: bytes) -> None:
@@ -260,17 +300,22 @@ class Daemon:
                 log.warning("presence.invalid", instance=instance, reason=str(exc))
                 return
         if instance == self.config.instance.id:
-            stale = presence is None or (presence.state == "offline"
-                                         and presence.since < self.started_at)
+            stale = presence is None or (
+                presence.state == "offline" and presence.since < self.started_at
+            )
             if stale and not self.should_exit:
                 # A Last Will left by a previous run of this agent: say we are here.
-                self.session.publish(self.retained(self.topics.instance(instance),
-                                                   encode(self.presence())))
+                self.session.publish(
+                    self.retained(self.topics.instance(instance), encode(self.presence()))
+                )
             return
         if self.fleet.apply(instance, presence):
-            log.info("fleet.changed", instance=instance,
-                     state=presence.state if presence else "cleared",
-                     online=self.fleet.online_count())
+            log.info(
+                "fleet.changed",
+                instance=instance,
+                state=presence.state if presence else "cleared",
+                online=self.fleet.online_count(),
+            )
             self.reconfigure.trigger()
 
     def on_config(self, payload: bytes) -> None:
@@ -278,10 +323,14 @@ class Daemon:
             return
         try:
             signed = parse_message(SignedConfig, payload)
-            verify_config(signed, self.trusted,
-                          require_signatures=self.config.security.require_signatures,
-                          max_clock_skew=self.config.security.max_clock_skew,
-                          now=announce.now(), stack=self.config.stack)
+            verify_config(
+                signed,
+                self.trusted,
+                require_signatures=self.config.security.require_signatures,
+                max_clock_skew=self.config.security.max_clock_skew,
+                now=announce.now(),
+                stack=self.config.stack,
+            )
             stack_settings(signed.payload)
         except AgentError as exc:
             log.error("stack_config.rejected", reason=str(exc))
@@ -320,9 +369,15 @@ class Daemon:
             self.configure_queued = False
         with bound_contextvars(command_id=command_id, instance=self.config.instance.id):
             if command is not None:
-                self.store.journal(command_id or "", {
-                    "id": command_id, "state": "running", "run_as": work.run_as,
-                    "command": json.loads(encode(command))})
+                self.store.journal(
+                    command_id or "",
+                    {
+                        "id": command_id,
+                        "state": "running",
+                        "run_as": work.run_as,
+                        "command": json.loads(encode(command)),
+                    },
+                )
             notify(f"STATUS=running {work.run_as}")
             outcomes = await self.run(work)
             self.report(command, outcomes, work.run_as)
@@ -341,33 +396,48 @@ class Daemon:
             return await self.configure_all(pipe)
         assert command is not None and command.app is not None
         if command.kind == "deploy":
-            return [await pipe.deploy(command.app, revision=command.revision,
-                                      always_buildout=command.always_buildout,
-                                      restart_delay=command.restart_delay)]
+            return [
+                await pipe.deploy(
+                    command.app,
+                    revision=command.revision,
+                    always_buildout=command.always_buildout,
+                    restart_delay=command.restart_delay,
+                )
+            ]
         if command.kind == "rollback":
             return [await pipe.rollback(command.app, to_release=command.to_release)]
         return [await pipe.restart(command.app, restart_delay=command.restart_delay)]
 
     async def configure_all(self, pipe: Pipeline) -> list[Outcome]:
-        outcomes = [await pipe.configure(app)
-                    for app in sorted(self.config.apps) if self.config.carries(app)]
+        outcomes = [
+            await pipe.configure(app)
+            for app in sorted(self.config.apps)
+            if self.config.carries(app)
+        ]
         if self.config.templates:
             outcomes.append(await self.apply_templates())
         return outcomes
 
     async def apply_templates(self) -> Outcome:
-        context = self.fleet.template_context(stack=self.config.stack,
-                                              stack_config=self.stack_config)
+        context = self.fleet.template_context(
+            stack=self.config.stack, stack_config=self.stack_config
+        )
         try:
             results = await apply_templates(self.config.templates, context)
         except AgentError as exc:
-            return Outcome(kind="configure", app="templates", status="failed",
-                           message=str(exc), error=exc.code)
+            return Outcome(
+                kind="configure", app="templates", status="failed", message=str(exc), error=exc.code
+            )
         changed = [str(r.destination) for r in results if r.changed]
-        return Outcome(kind="configure", app="templates",
-                       status="succeeded" if changed else "unchanged",
-                       message=f"rewrote and reloaded {', '.join(changed)}" if changed
-                       else "templates unchanged", details={"changed": changed})
+        return Outcome(
+            kind="configure",
+            app="templates",
+            status="succeeded" if changed else "unchanged",
+            message=f"rewrote and reloaded {', '.join(changed)}"
+            if changed
+            else "templates unchanged",
+            details={"changed": changed},
+        )
 
     def report(self, command: Command | None, outcomes: list[Outcome], run_as: str) -> None:
         """The final event of a command, and the retained last result per app."""
@@ -378,19 +448,31 @@ class Daemon:
             details = announce.result_details(outcome)
         else:
             status, message = announce.combine(outcomes)
-            details = {"kind": run_as, "outcomes": [announce.result_details(o) | {"app": o.app}
-                                                    for o in outcomes]}
-        self.publish_event(command, phase="result", status=status, message=message,
-                           details=details, kind=run_as if command is None else None)
+            details = {
+                "kind": run_as,
+                "outcomes": [announce.result_details(o) | {"app": o.app} for o in outcomes],
+            }
+        self.publish_event(
+            command,
+            phase="result",
+            status=status,
+            message=message,
+            details=details,
+            kind=run_as if command is None else None,
+        )
         for outcome in outcomes:
             # A reconfigure that changed nothing is not news: keep the last real result.
             quiet = outcome.kind == "configure" and outcome.status == "unchanged"
             if outcome.app in self.config.apps and not quiet:
-                self.status_record = announce.status_record(self.config, self.status_record,
-                                                            outcome, command)
+                self.status_record = announce.status_record(
+                    self.config, self.status_record, outcome, command
+                )
         if self.status_record is not None:
-            self.session.publish(self.retained(self.topics.status(self.config.instance.id),
-                                               encode(self.status_record)))
+            self.session.publish(
+                self.retained(
+                    self.topics.status(self.config.instance.id), encode(self.status_record)
+                )
+            )
 
     # -- recovery and liveness ------------------------------------------------------------
     def recover(self) -> None:
@@ -410,9 +492,13 @@ class Daemon:
                 self.queue.put_nowait(Work(str(entry.get("run_as", command.kind)), command))
                 continue
             log.error("command.interrupted", command_id=command_id, kind=command.kind)
-            self.publish_event(command, phase="result", status="interrupted",
-                               message="the agent stopped while this command was running; "
-                               "current was left on a complete release")
+            self.publish_event(
+                command,
+                phase="result",
+                status="interrupted",
+                message="the agent stopped while this command was running; "
+                "current was left on a complete release",
+            )
             state = self.store.load()
             state.remember(command_id)
             self.store.save(state)
@@ -422,9 +508,13 @@ class Daemon:
     def check_releases(self) -> None:
         for app, cfg in sorted(self.config.apps.items()):
             try:
-                mgr = ReleaseManager(root=self.config.paths.root, app=app,
-                                     repository=cfg.repository,
-                                     keep_releases=cfg.keep_releases, shared_dirs=cfg.shared_dirs)
+                mgr = ReleaseManager(
+                    root=self.config.paths.root,
+                    app=app,
+                    repository=cfg.repository,
+                    keep_releases=cfg.keep_releases,
+                    shared_dirs=cfg.shared_dirs,
+                )
                 removed = mgr.clean_incomplete()
                 current = mgr.current()
             except (AgentError, OSError) as exc:
@@ -433,8 +523,9 @@ class Daemon:
             if removed:
                 log.warning("releases.cleaned", app=app, removed=removed)
             if current is None and mgr.current_link.is_symlink():
-                log.error("releases.current_broken", app=app,
-                          target=str(mgr.current_link.readlink()))
+                log.error(
+                    "releases.current_broken", app=app, target=str(mgr.current_link.readlink())
+                )
 
     async def watchdog(self) -> None:
         interval = watchdog_interval()

@@ -62,16 +62,20 @@ def accept(
     except CommandRejected as exc:
         return Rejected(str(exc))
     try:
-        verify_command(command, trusted, require_signatures=config.security.require_signatures,
-                       max_clock_skew=config.security.max_clock_skew, now=now,
-                       stack=config.stack)
+        verify_command(
+            command,
+            trusted,
+            require_signatures=config.security.require_signatures,
+            max_clock_skew=config.security.max_clock_skew,
+            now=now,
+            stack=config.stack,
+        )
     except CommandRejected as exc:
         return Rejected(str(exc), command)
     if not targets_me(command, config):
         return Ignored(command)
     if str(command.id) in seen:
-        return Rejected(f"command {command.id} was already received (replay or duplicate)",
-                        command)
+        return Rejected(f"command {command.id} was already received (replay or duplicate)", command)
     if command.app is not None and command.app not in config.apps:
         known = ", ".join(sorted(config.apps)) or "none"
         return Rejected(f"unknown app {command.app!r} (configured apps: {known})", command)

@@ -94,9 +94,15 @@ class InstanceResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "instance": self.instance, "outcome": self.outcome, "command_id": self.command_id,
-            "batch": self.batch, "revision": self.revision, "release": self.release,
-            "decision": self.decision, "seconds": self.seconds, "message": self.message,
+            "instance": self.instance,
+            "outcome": self.outcome,
+            "command_id": self.command_id,
+            "batch": self.batch,
+            "revision": self.revision,
+            "release": self.release,
+            "decision": self.decision,
+            "seconds": self.seconds,
+            "message": self.message,
         }
 
 
@@ -148,7 +154,8 @@ class Tracker:
         if event.command_id != self.command_id:
             return None
         progress = self.progress.setdefault(
-            event.instance, Progress(instance=event.instance, sent_at=now))
+            event.instance, Progress(instance=event.instance, sent_at=now)
+        )
         if progress.result is not None:
             return progress  # exactly one final per instance: later ones change nothing
         progress.phase, progress.status, progress.message = event.phase, event.status, event.message
@@ -159,9 +166,13 @@ class Tracker:
     def _result(self, event: Event, elapsed: float) -> InstanceResult:
         details = event.details
         return InstanceResult(
-            instance=event.instance, outcome=event.status, command_id=str(self.command_id),
-            batch=self.batch, revision=_text(details.get("revision")),
-            release=_text(details.get("release")), decision=_text(details.get("decision")),
+            instance=event.instance,
+            outcome=event.status,
+            command_id=str(self.command_id),
+            batch=self.batch,
+            revision=_text(details.get("revision")),
+            release=_text(details.get("release")),
+            decision=_text(details.get("decision")),
             seconds=_seconds(details.get("seconds"), elapsed),
             message=event.message or _text(details.get("error")) or "",
         )
@@ -175,16 +186,22 @@ class Tracker:
         for progress in self.progress.values():
             if progress.result is None:
                 progress.result = InstanceResult(
-                    instance=progress.instance, outcome=TIMED_OUT,
-                    command_id=str(self.command_id), batch=self.batch,
+                    instance=progress.instance,
+                    outcome=TIMED_OUT,
+                    command_id=str(self.command_id),
+                    batch=self.batch,
                     seconds=round(now - progress.sent_at, 1),
-                    message="no answer at all" if progress.phase == "waiting"
+                    message="no answer at all"
+                    if progress.phase == "waiting"
                     else f"no result (last phase: {progress.phase})",
                 )
 
     def results(self) -> list[InstanceResult]:
-        return [p.result for p in sorted(self.progress.values(), key=lambda p: p.instance)
-                if p.result is not None]
+        return [
+            p.result
+            for p in sorted(self.progress.values(), key=lambda p: p.instance)
+            if p.result is not None
+        ]
 
 
 # --- the whole run ----------------------------------------------------------------------
@@ -225,11 +242,21 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "app": self.app, "command_ids": self.command_ids,
-            "batches": [{"index": b.index, "instances": list(b.instances),
-                         "command_id": b.command_id, "state": b.state} for b in self.batches],
+            "kind": self.kind,
+            "app": self.app,
+            "command_ids": self.command_ids,
+            "batches": [
+                {
+                    "index": b.index,
+                    "instances": list(b.instances),
+                    "command_id": b.command_id,
+                    "state": b.state,
+                }
+                for b in self.batches
+            ],
             "results": [r.to_json() for r in self.results],
-            "message": self.message, "exit_code": self.exit_code,
+            "message": self.message,
+            "exit_code": self.exit_code,
         }
 
 
@@ -252,19 +279,41 @@ def stop_reason(report: RunReport, max_failures: int) -> str | None:
     """Why the roll must stop before the next batch: more failures than allowed."""
     if report.failures() <= max_failures:
         return None
-    return (f"stopped: {report.failures()} instance(s) did not succeed, "
-            f"more than --max-failures {max_failures}")
+    return (
+        f"stopped: {report.failures()} instance(s) did not succeed, "
+        f"more than --max-failures {max_failures}"
+    )
 
 
 # --- rendering for people ---------------------------------------------------------------
 
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40,
-          "critical": 50}
+LEVELS = {
+    "debug": 10,
+    "info": 20,
+    "warning": 30,
+    "warn": 30,
+    "error": 40,
+    "exception": 40,
+    "critical": 50,
+}
 _COLORS = {"green": "32", "red": "31", "yellow": "33", "cyan": "36", "dim": "2", "bold": "1"}
-OUTCOME_COLORS = {"succeeded": "green", "unchanged": "green", "failed": "red",
-                  "rejected": "red", "interrupted": "red", TIMED_OUT: "yellow"}
-LEVEL_COLORS = {"debug": "dim", "info": "green", "warning": "yellow", "warn": "yellow",
-                "error": "red", "exception": "red", "critical": "red"}
+OUTCOME_COLORS = {
+    "succeeded": "green",
+    "unchanged": "green",
+    "failed": "red",
+    "rejected": "red",
+    "interrupted": "red",
+    TIMED_OUT: "yellow",
+}
+LEVEL_COLORS = {
+    "debug": "dim",
+    "info": "green",
+    "warning": "yellow",
+    "warn": "yellow",
+    "error": "red",
+    "exception": "red",
+    "critical": "red",
+}
 
 
 _ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -301,8 +350,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = [list(headers), *map(list, rows)]
     widths = [max(visible_len(line[i]) for line in lines) for i in range(len(headers))]
     return "\n".join(
-        "  ".join(c + " " * (w - visible_len(c)) for c, w in zip(line, widths, strict=True))
-        .rstrip() for line in lines)
+        "  ".join(
+            c + " " * (w - visible_len(c)) for c, w in zip(line, widths, strict=True)
+        ).rstrip()
+        for line in lines
+    )
 
 
 def visible_len(text: str) -> int:
@@ -311,28 +363,46 @@ def visible_len(text: str) -> int:
 
 def render_summary(report: RunReport, *, color: bool) -> str:
     """The per-instance table, the batches, and one line saying what it all means."""
-    rows = [[r.instance, r.outcome, short_revision(r.revision), clean(r.release or "-"),
-             "-" if r.seconds is None else f"{r.seconds:.1f}", clean(r.message, 80)]
-            for r in report.results]
-    parts = [table(["INSTANCE", "OUTCOME", "REVISION", "RELEASE", "SECONDS", "MESSAGE"], rows)
-             if rows else ""]
+    rows = [
+        [
+            r.instance,
+            r.outcome,
+            short_revision(r.revision),
+            clean(r.release or "-"),
+            "-" if r.seconds is None else f"{r.seconds:.1f}",
+            clean(r.message, 80),
+        ]
+        for r in report.results
+    ]
+    parts = [
+        table(["INSTANCE", "OUTCOME", "REVISION", "RELEASE", "SECONDS", "MESSAGE"], rows)
+        if rows
+        else ""
+    ]
     if len(report.batches) > 1:
         parts.append("batches: " + ", ".join(f"{b.index} {b.state}" for b in report.batches))
     if report.message and report.batches:
         parts.append(report.message)
     counts = Counter(r.outcome for r in report.results)
-    verdict = ", ".join(paint(f"{n} {o}", OUTCOME_COLORS.get(o), color)
-                        for o, n in sorted(counts.items()))
+    verdict = ", ".join(
+        paint(f"{n} {o}", OUTCOME_COLORS.get(o), color) for o, n in sorted(counts.items())
+    )
     if report.results:
         parts.append(f"{report.kind} {report.app}: {verdict}")
     elif report.command_ids and not report.waited:
-        parts.append("\n".join(f"sent {report.kind} {report.app}: command {c}"
-                               for c in report.command_ids))
+        parts.append(
+            "\n".join(f"sent {report.kind} {report.app}: command {c}" for c in report.command_ids)
+        )
     return "\n".join(p for p in parts if p)
 
 
-def render_status(presences: Mapping[str, Presence], statuses: Mapping[str, StatusRecord], *,
-                  now: datetime, color: bool) -> str:
+def render_status(
+    presences: Mapping[str, Presence],
+    statuses: Mapping[str, StatusRecord],
+    *,
+    now: datetime,
+    color: bool,
+) -> str:
     """One row per instance and app: where it is, what runs, how the last command went."""
     rows = []
     for instance, presence in sorted(presences.items()):
@@ -342,15 +412,35 @@ def render_status(presences: Mapping[str, Presence], statuses: Mapping[str, Stat
         head = [instance, state, age(presence.since, now), ",".join(presence.layers) or "-"]
         for app in sorted(set(presence.apps) | set(last)) or ["-"]:
             live, result = presence.apps.get(app), last.get(app)
-            rows.append([*head, app, short_revision(live.revision if live else None),
-                         clean(live.release or "-") if live else "-",
-                         paint(result.status, OUTCOME_COLORS.get(result.status), color)
-                         if result else "-", age(result.at, now) if result else "-"])
+            rows.append(
+                [
+                    *head,
+                    app,
+                    short_revision(live.revision if live else None),
+                    clean(live.release or "-") if live else "-",
+                    paint(result.status, OUTCOME_COLORS.get(result.status), color)
+                    if result
+                    else "-",
+                    age(result.at, now) if result else "-",
+                ]
+            )
             head = ["", "", "", ""]
     if not rows:
         return "no instances"
-    return table(["INSTANCE", "STATE", "SINCE", "LAYERS", "APP", "REVISION", "RELEASE",
-                  "LAST RESULT", "AGE"], rows)
+    return table(
+        [
+            "INSTANCE",
+            "STATE",
+            "SINCE",
+            "LAYERS",
+            "APP",
+            "REVISION",
+            "RELEASE",
+            "LAST RESULT",
+            "AGE",
+        ],
+        rows,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -373,9 +463,19 @@ def render_log(instance: str, event: Mapping[str, Any], *, color: bool) -> str:
     stamp = str(event.get("timestamp", ""))
     time_part = stamp[11:19] if len(stamp) >= 19 and stamp[10] == "T" else clean(stamp, 19)
     level = str(event.get("level", "info")).lower()
-    rest = " ".join(f"{clean(k, 40)}={clean(v, 200)}" for k, v in sorted(event.items())
-                    if k not in ("timestamp", "level", "event", "instance"))
-    return " ".join(p for p in (
-        paint(time_part, "dim", color), paint(clean(instance, 40), "cyan", color),
-        paint(f"{clean(level, 9):<8}", LEVEL_COLORS.get(level), color),
-        paint(clean(event.get("event", "?"), 80), "bold", color), rest) if p)
+    rest = " ".join(
+        f"{clean(k, 40)}={clean(v, 200)}"
+        for k, v in sorted(event.items())
+        if k not in ("timestamp", "level", "event", "instance")
+    )
+    return " ".join(
+        p
+        for p in (
+            paint(time_part, "dim", color),
+            paint(clean(instance, 40), "cyan", color),
+            paint(f"{clean(level, 9):<8}", LEVEL_COLORS.get(level), color),
+            paint(clean(event.get("event", "?"), 80), "bold", color),
+            rest,
+        )
+        if p
+    )

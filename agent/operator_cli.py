@@ -100,15 +100,21 @@ class PlainView(QuietView):
         self.stream, self.color = stream, color
 
     def sent(self, batch: Batch, total: int) -> None:
-        print(f"batch {batch.index}/{total}: command {batch.command_id} -> "
-              f"{' '.join(batch.instances)}", file=self.stream, flush=True)
+        print(
+            f"batch {batch.index}/{total}: command {batch.command_id} -> "
+            f"{' '.join(batch.instances)}",
+            file=self.stream,
+            flush=True,
+        )
 
     def line(self, progress: Progress, now: float) -> str:
         status = progress.result.outcome if progress.result else progress.status
         message = progress.result.message if progress.result else progress.message
-        return (f"  {clean(progress.instance, 40):<16} {clean(progress.phase, 12):<10} "
-                f"{paint(f'{clean(status, 12):<11}', OUTCOME_COLORS.get(status), self.color)} "
-                f"{progress.elapsed(now):>6.1f}s  {clean(message, 70)}").rstrip()
+        return (
+            f"  {clean(progress.instance, 40):<16} {clean(progress.phase, 12):<10} "
+            f"{paint(f'{clean(status, 12):<11}', OUTCOME_COLORS.get(status), self.color)} "
+            f"{progress.elapsed(now):>6.1f}s  {clean(message, 70)}"
+        ).rstrip()
 
     def update(self, tracker: Tracker, progress: Progress | None, now: float) -> None:
         if progress is not None:
@@ -170,24 +176,43 @@ def rollout_from_args(kind: CommandKind, args: argparse.Namespace) -> Rollout:
         raise ConfigError("--batch-size must be at least 1")
     fields: dict[str, Any] = {}
     if kind == "deploy":
-        fields = {"revision": args.revision, "restart_delay": getattr(args, "restart_delay", None),
-                  "always_buildout": getattr(args, "always_buildout", False) or None}
+        fields = {
+            "revision": args.revision,
+            "restart_delay": getattr(args, "restart_delay", None),
+            "always_buildout": getattr(args, "always_buildout", False) or None,
+        }
     else:
         fields = {"to_release": getattr(args, "to", None)}
-    return Rollout(kind=kind, app=args.app, fields=fields, targets=args.targets or None,
-                   batch_size=batch_size, max_failures=max(0, getattr(args, "max_failures", 0)),
-                   timeout=getattr(args, "timeout", 3600.0),
-                   wait=bool(args.wait or batch_size is not None))
+    return Rollout(
+        kind=kind,
+        app=args.app,
+        fields=fields,
+        targets=args.targets or None,
+        batch_size=batch_size,
+        max_failures=max(0, getattr(args, "max_failures", 0)),
+        timeout=getattr(args, "timeout", 3600.0),
+        wait=bool(args.wait or batch_size is not None),
+    )
 
 
-def build_command(config: OperatorConfig, rollout: Rollout, targets: Sequence[str] | None,
-                  key: Ed25519PrivateKey | None) -> Command:
+def build_command(
+    config: OperatorConfig,
+    rollout: Rollout,
+    targets: Sequence[str] | None,
+    key: Ed25519PrivateKey | None,
+) -> Command:
     """A signed command (unsigned when no key is configured)."""
     fields = {k: v for k, v in rollout.fields.items() if v is not None}
     try:
-        command = Command.create(rollout.kind, issued_by=config.issued_by, now=datetime.now(UTC),
-                                 app=rollout.app, targets=list(targets) if targets else None,
-                                 stack=config.stack, **fields)
+        command = Command.create(
+            rollout.kind,
+            issued_by=config.issued_by,
+            now=datetime.now(UTC),
+            app=rollout.app,
+            targets=list(targets) if targets else None,
+            stack=config.stack,
+            **fields,
+        )
     except ValidationError as exc:
         problems = [".".join(map(str, e["loc"])) + ": " + e["msg"] for e in exc.errors()]
         raise ConfigError(f"invalid {rollout.kind} command", problems) from None
@@ -208,12 +233,15 @@ async def run_rollout(
             report.message = _nobody_message(config, rollout, selection.offline)
             return report
         await client.subscribe(topics.events_wildcard, qos=1)  # before any command is sent
-        report.batches = [Batch(index=n, instances=ids) for n, ids in
-                          enumerate(plan_batches(selection.online, rollout.batch_size), 1)]
+        report.batches = [
+            Batch(index=n, instances=ids)
+            for n, ids in enumerate(plan_batches(selection.online, rollout.batch_size), 1)
+        ]
         deadline = loop.time() + rollout.timeout
         for batch in report.batches:
             reason = stop_reason(report, rollout.max_failures) or (
-                "stopped: --timeout reached" if loop.time() >= deadline else None)
+                "stopped: --timeout reached" if loop.time() >= deadline else None
+            )
             if reason:
                 batch.state, report.message = "skipped", report.message or reason
                 continue
@@ -229,8 +257,9 @@ async def run_rollout(
     return report
 
 
-async def follow(inbox: Inbox, topics: Topics, tracker: Tracker, deadline: float,
-                 view: QuietView) -> None:
+async def follow(
+    inbox: Inbox, topics: Topics, tracker: Tracker, deadline: float, view: QuietView
+) -> None:
     """Feed events to the tracker until every instance answered or the deadline passed."""
     loop = asyncio.get_running_loop()
     while not tracker.done and loop.time() < deadline:
@@ -255,8 +284,11 @@ def _remote(kind: CommandKind, args: argparse.Namespace) -> int:
     key = config.private_key()
     build_command(config, rollout, rollout.targets, key)  # bad arguments fail before connecting
     if key is None:
-        print("deploy-agent: no signing key configured; agents that require signatures "
-              "will reject this command", file=sys.stderr)
+        print(
+            "deploy-agent: no signing key configured; agents that require signatures "
+            "will reject this command",
+            file=sys.stderr,
+        )
     view = make_view(json_output=args.json, stream=sys.stdout)
     report = asyncio.run(run_rollout(config, rollout, key, view))
     if args.json:
@@ -287,8 +319,9 @@ def remote_rollback(args: argparse.Namespace, config_path: Path | None = None) -
 
 async def read_fleet(config: OperatorConfig) -> tuple[dict[str, Presence], dict[str, StatusRecord]]:
     async with connect(config) as client, Inbox(client) as inbox:
-        await client.subscribe([(config.topics.instances_wildcard, 1),
-                                (config.topics.status_wildcard, 1)])
+        await client.subscribe(
+            [(config.topics.instances_wildcard, 1), (config.topics.status_wildcard, 1)]
+        )
         return parse_retained(config.topics, await collect_retained(inbox))
 
 
@@ -297,17 +330,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = operator_config(args)
     presences, statuses = asyncio.run(read_fleet(config))
     if args.json:
-        instances = {i: {"presence": p.model_dump(mode="json"),
-                         "status": statuses[i].model_dump(mode="json") if i in statuses else None}
-                     for i, p in sorted(presences.items())}
-        print(json.dumps({"stack": config.stack, "instances": instances}, indent=2,
-                         sort_keys=True))
+        instances = {
+            i: {
+                "presence": p.model_dump(mode="json"),
+                "status": statuses[i].model_dump(mode="json") if i in statuses else None,
+            }
+            for i, p in sorted(presences.items())
+        }
+        print(json.dumps({"stack": config.stack, "instances": instances}, indent=2, sort_keys=True))
     else:
-        print(render_status(presences, statuses, now=datetime.now(UTC),
-                            color=sys.stdout.isatty()))
+        print(render_status(presences, statuses, now=datetime.now(UTC), color=sys.stdout.isatty()))
     if not presences:
-        print(f"deploy-agent: no instance has announced itself on stack {config.stack}",
-              file=sys.stderr)
+        print(
+            f"deploy-agent: no instance has announced itself on stack {config.stack}",
+            file=sys.stderr,
+        )
         return EXIT_NO_INSTANCE
     return EXIT_OK
 
@@ -326,8 +363,9 @@ def parse_log(payload: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-async def stream_logs(config: OperatorConfig, wanted: LogFilter, *, follow: bool,
-                      json_output: bool, color: bool) -> None:
+async def stream_logs(
+    config: OperatorConfig, wanted: LogFilter, *, follow: bool, json_output: bool, color: bool
+) -> None:
     loop = asyncio.get_running_loop()
     async with connect(config) as client, Inbox(client) as inbox:
         await client.subscribe(config.topics.logs_wildcard, qos=0)
@@ -352,8 +390,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     wanted = LogFilter(instance=args.instance, app=args.app, level=args.level)
     tty = sys.stdout.isatty()
     with contextlib.suppress(KeyboardInterrupt):  # -f ends with Ctrl-C, and that is fine
-        asyncio.run(stream_logs(config, wanted, follow=args.follow,
-                                json_output=args.json or not tty, color=tty))
+        asyncio.run(
+            stream_logs(
+                config, wanted, follow=args.follow, json_output=args.json or not tty, color=tty
+            )
+        )
     return EXIT_OK
 
 
@@ -371,8 +412,10 @@ def cmd_config_push(args: argparse.Namespace) -> int:
     signed = signed_stack_config(config, load_stack_config(Path(args.file), config.stack))
     asyncio.run(publish_config(config, signed))
     signer = signed.key_id or "unsigned"
-    print(f"published the stack configuration of {config.stack} to {config.topics.config} "
-          f"({len(signed.payload)} top-level keys, {signer})")
+    print(
+        f"published the stack configuration of {config.stack} to {config.topics.config} "
+        f"({len(signed.payload)} top-level keys, {signer})"
+    )
     return EXIT_OK
 
 
@@ -380,8 +423,12 @@ def cmd_config_push(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="operator or agent configuration (default "
-                        f"{DEFAULT_CONFIG}, $DEPLOY_AGENT_CONFIG, else DEPLOY_AGENT_* vars)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        help="operator or agent configuration (default "
+        f"{DEFAULT_CONFIG}, $DEPLOY_AGENT_CONFIG, else DEPLOY_AGENT_* vars)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -402,7 +449,8 @@ def add_operator_arguments(subparsers: Any) -> None:
 def add_config_push(config_subparsers: Any) -> None:
     """Add ``config push FILE`` under the ``config`` command."""
     push = config_subparsers.add_parser("push", help="sign and publish the stack configuration")
-    push.add_argument("file", help="an agent configuration (its stack_config is published) "
-                      "or a stack-config YAML")
+    push.add_argument(
+        "file", help="an agent configuration (its stack_config is published) or a stack-config YAML"
+    )
     _common(push)
     push.set_defaults(func=cmd_config_push)

@@ -112,8 +112,9 @@ def parse_broker_url(
     except ValueError as exc:
         raise ConfigError(f"{ENV_BROKER}: not a broker URL: {exc}") from exc
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"{ENV_BROKER} must look like mqtt://[user[:pass]@]host[:port] "
-                          "(mqtts:// for TLS)")
+        raise ConfigError(
+            f"{ENV_BROKER} must look like mqtt://[user[:pass]@]host[:port] (mqtts:// for TLS)"
+        )
     tls = parts.scheme == "mqtts"
     settings: dict[str, Any] = {
         "host": parts.hostname,
@@ -163,9 +164,9 @@ def _resolve_relative(loaded: OperatorFile, base: Path) -> OperatorFile:
     broker = loaded.broker
     if broker is not None:
         tls = broker.tls and broker.tls.model_copy(
-            update={k: fix(getattr(broker.tls, k)) for k in ("ca", "cert", "key")})
-        broker = broker.model_copy(
-            update={"password_file": fix(broker.password_file), "tls": tls})
+            update={k: fix(getattr(broker.tls, k)) for k in ("ca", "cert", "key")}
+        )
+        broker = broker.model_copy(update={"password_file": fix(broker.password_file), "tls": tls})
     return loaded.model_copy(update={"key": fix(loaded.key), "broker": broker})
 
 
@@ -181,17 +182,25 @@ def load_operator_config(
     if broker is not None:
         password = read_secret(broker.password_file)
     elif environ.get(ENV_BROKER):
-        broker, password = parse_broker_url(environ[ENV_BROKER],
-                                            topic_prefix=environ.get(ENV_PREFIX))
+        broker, password = parse_broker_url(
+            environ[ENV_BROKER], topic_prefix=environ.get(ENV_PREFIX)
+        )
     stack = loaded.stack or environ.get(ENV_STACK)
     if broker is None or not stack:
         raise ConfigError(
             f"no broker or stack configured: pass --config FILE (stack, broker, key), "
-            f"or set {ENV_BROKER}=mqtt://host:port and {ENV_STACK}=NAME")
+            f"or set {ENV_BROKER}=mqtt://host:port and {ENV_STACK}=NAME"
+        )
     Topics(broker.topic_prefix, stack)  # validates the names now, not at first publish
     key = loaded.key or (Path(environ[ENV_KEY]) if environ.get(ENV_KEY) else None)
-    return OperatorConfig(stack=stack, broker=broker, password=password, key_path=key,
-                          issued_by=loaded.issued_by or default_issued_by(), source=source)
+    return OperatorConfig(
+        stack=stack,
+        broker=broker,
+        password=password,
+        key_path=key,
+        issued_by=loaded.issued_by or default_issued_by(),
+        source=source,
+    )
 
 
 def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -336,14 +345,19 @@ def load_stack_config(path: Path, stack: str) -> dict[str, Any]:
 def signed_stack_config(config: OperatorConfig, payload: dict[str, Any]) -> SignedConfig:
     """The payload as agents will receive it: signed (when a key is set) and not too big."""
     try:
-        message = SignedConfig(payload=payload, stack=config.stack, issued_by=config.issued_by,
-                               issued_at=datetime.now(UTC))
+        message = SignedConfig(
+            payload=payload,
+            stack=config.stack,
+            issued_by=config.issued_by,
+            issued_at=datetime.now(UTC),
+        )
         key = config.private_key()
         signed = sign_config(message, key) if key is not None else message
         size = len(encode(signed))
     except (ValidationError, ValueError, TypeError) as exc:
         raise ConfigError(f"the stack configuration cannot be published: {exc}") from exc
     if size > MAX_PAYLOAD_BYTES:
-        raise ConfigError(f"the stack configuration is {size} bytes; agents accept at most "
-                          f"{MAX_PAYLOAD_BYTES}")
+        raise ConfigError(
+            f"the stack configuration is {size} bytes; agents accept at most {MAX_PAYLOAD_BYTES}"
+        )
     return signed

@@ -61,7 +61,12 @@ class Restarter(Protocol):
     """Fills the restart step (supervisord); ``only`` limits it to some programs."""
 
     async def restart(
-        self, *, app: str, config: AppConfig, layout: ClientLayout, restart_delay: float,
+        self,
+        *,
+        app: str,
+        config: AppConfig,
+        layout: ClientLayout,
+        restart_delay: float,
         only: list[str] | None = None,
     ) -> dict[str, Any]: ...
 
@@ -73,8 +78,10 @@ class HostFacts:
 
     @classmethod
     def probe(cls) -> HostFacts:
-        return cls(cpu_count=psutil.cpu_count() or 1,
-                   memory_mb=psutil.virtual_memory().total // (1024 * 1024))
+        return cls(
+            cpu_count=psutil.cpu_count() or 1,
+            memory_mb=psutil.virtual_memory().total // (1024 * 1024),
+        )
 
 
 def digest(data: bytes) -> str:
@@ -135,22 +142,40 @@ class Pipeline:
 
     def manager(self, app: str) -> ReleaseManager:
         cfg = self.config.app(app)
-        return ReleaseManager(root=self.config.paths.root, app=app, repository=cfg.repository,
-                              keep_releases=cfg.keep_releases, shared_dirs=cfg.shared_dirs)
+        return ReleaseManager(
+            root=self.config.paths.root,
+            app=app,
+            repository=cfg.repository,
+            keep_releases=cfg.keep_releases,
+            shared_dirs=cfg.shared_dirs,
+        )
 
     def layout(self, settings: StackSettings) -> ClientLayout:
-        return client_layout(settings.plone_instances, cpu_count=self.facts.cpu_count,
-                             memory_mb=self.facts.memory_mb, layers=self.config.instance.layers)
+        return client_layout(
+            settings.plone_instances,
+            cpu_count=self.facts.cpu_count,
+            memory_mb=self.facts.memory_mb,
+            layers=self.config.instance.layers,
+        )
 
     def render(self, app: str, sha: str, settings: StackSettings) -> bytes:
         inst = self.config.instance
-        return render_deploy_cfg(RenderInput(
-            stack=self.config.stack, app=app, instance_id=inst.id,
-            instance_address=inst.address, layers=tuple(inst.layers), revision=sha,
-            app_root=self.config.paths.root / app, layout=self.layout(settings),
-            settings=settings, stack_config=self.stack_config, members=self.members(),
-            base_config=self.config.app(app).buildout.config,
-        ))
+        return render_deploy_cfg(
+            RenderInput(
+                stack=self.config.stack,
+                app=app,
+                instance_id=inst.id,
+                instance_address=inst.address,
+                layers=tuple(inst.layers),
+                revision=sha,
+                app_root=self.config.paths.root / app,
+                layout=self.layout(settings),
+                settings=settings,
+                stack_config=self.stack_config,
+                members=self.members(),
+                base_config=self.config.app(app).buildout.config,
+            )
+        )
 
     async def phase(self, name: str, status: str, message: str, **details: Any) -> None:
         log.info("pipeline.phase", phase=name, status=status, message=message, **details)
@@ -159,11 +184,20 @@ class Pipeline:
 
     # -- commands -------------------------------------------------------------------------
     async def deploy(
-        self, app: str, *, revision: str | None = None, always_buildout: bool | None = None,
+        self,
+        app: str,
+        *,
+        revision: str | None = None,
+        always_buildout: bool | None = None,
         restart_delay: float | None = None,
     ) -> Outcome:
-        return await self._run("deploy", app, lambda: self._deploy(
-            app, revision=revision, always_buildout=always_buildout, restart_delay=restart_delay))
+        return await self._run(
+            "deploy",
+            app,
+            lambda: self._deploy(
+                app, revision=revision, always_buildout=always_buildout, restart_delay=restart_delay
+            ),
+        )
 
     async def rollback(self, app: str, *, to_release: str | None = None) -> Outcome:
         return await self._run("rollback", app, lambda: self._rollback(app, to_release))
@@ -183,18 +217,31 @@ class Pipeline:
                 with app_lock(self.config.paths.root / app):
                     outcome = await body()
             except AgentError as exc:
-                outcome = Outcome(kind=kind, app=app, status="failed", message=str(exc),
-                                  error=exc.code)
+                outcome = Outcome(
+                    kind=kind, app=app, status="failed", message=str(exc), error=exc.code
+                )
             outcome.seconds = round(time.monotonic() - started, 2)
             level = "error" if outcome.status == "failed" else "info"
-            getattr(log, level)("command.finished", status=outcome.status,
-                                message=outcome.message, decision=outcome.decision,
-                                revision=outcome.revision, release=outcome.release,
-                                error=outcome.error, seconds=outcome.seconds)
+            getattr(log, level)(
+                "command.finished",
+                status=outcome.status,
+                message=outcome.message,
+                decision=outcome.decision,
+                revision=outcome.revision,
+                release=outcome.release,
+                error=outcome.error,
+                seconds=outcome.seconds,
+            )
             return outcome
 
-    async def _deploy(self, app: str, *, revision: str | None, always_buildout: bool | None,
-                      restart_delay: float | None) -> Outcome:
+    async def _deploy(
+        self,
+        app: str,
+        *,
+        revision: str | None,
+        always_buildout: bool | None,
+        restart_delay: float | None,
+    ) -> Outcome:
         cfg = self.config.app(app)
         mgr = self.manager(app)
         await self.phase("fetch", "started", f"fetching {cfg.repository}")
@@ -207,14 +254,24 @@ class Pipeline:
         if always is None:
             always = cfg.always_buildout_on_deploy or settings.app(app).always_buildout_on_deploy
         current = mgr.current()
-        decision = decide(target_sha=sha, deployed_sha=current.sha if current else None,
-                          new_cfg=new_cfg, deployed_cfg=self.deployed_cfg(current),
-                          always_buildout=always)
+        decision = decide(
+            target_sha=sha,
+            deployed_sha=current.sha if current else None,
+            new_cfg=new_cfg,
+            deployed_cfg=self.deployed_cfg(current),
+            always_buildout=always,
+        )
         if decision == "unchanged":
             assert current is not None
-            return Outcome(kind="deploy", app=app, status="unchanged", decision=decision,
-                           message=f"{sha[:12]} is already live with the same deploy.cfg",
-                           revision=sha, release=current.name)
+            return Outcome(
+                kind="deploy",
+                app=app,
+                status="unchanged",
+                decision=decision,
+                message=f"{sha[:12]} is already live with the same deploy.cfg",
+                revision=sha,
+                release=current.name,
+            )
         await self.phase("plan", "done", f"new release: {decision}", decision=decision)
         return await self.release_and_switch(app, sha, new_cfg, decision, restart_delay)
 
@@ -226,8 +283,9 @@ class Pipeline:
         except OSError:
             return None
 
-    async def release_and_switch(self, app: str, sha: str, deploy_cfg: bytes,
-                                 decision: Decision, restart_delay: float | None) -> Outcome:
+    async def release_and_switch(
+        self, app: str, sha: str, deploy_cfg: bytes, decision: Decision, restart_delay: float | None
+    ) -> Outcome:
         """Steps 4 and 5: build a fresh release; only if that worked, switch and restart."""
         cfg = self.config.app(app)
         mgr = self.manager(app)
@@ -242,45 +300,71 @@ class Pipeline:
                 raise
             previous = mgr.current()
             await self.switch(app, mgr, release)
-            outcome = Outcome(kind="deploy", app=app, status="succeeded", decision=decision,
-                              revision=sha, release=release.name,
-                              message=f"{sha[:12]} live in release {release.name} ({decision})")
+            outcome = Outcome(
+                kind="deploy",
+                app=app,
+                status="succeeded",
+                decision=decision,
+                revision=sha,
+                release=release.name,
+                message=f"{sha[:12]} live in release {release.name} ({decision})",
+            )
             await self.restart_or_recover(app, mgr, previous, restart_delay, outcome)
             pruned = await asyncio.to_thread(mgr.prune)
             if pruned:
-                await self.phase("prune", "done", f"removed {len(pruned)} old release(s)",
-                                 pruned=pruned)
+                await self.phase(
+                    "prune", "done", f"removed {len(pruned)} old release(s)", pruned=pruned
+                )
             return outcome
 
-    async def build(self, mgr: ReleaseManager, cfg: AppConfig, release: Path, sha: str,
-                    deploy_cfg: bytes) -> None:
+    async def build(
+        self, mgr: ReleaseManager, cfg: AppConfig, release: Path, sha: str, deploy_cfg: bytes
+    ) -> None:
         await self.phase("checkout", "started", f"checking out {sha[:12]} into {release.name}")
         await asyncio.to_thread(mgr.checkout, release, sha)
         atomic_write(release / "deploy.cfg", deploy_cfg, mode=0o640)
         await self.phase("buildout", "started", "running bootstrap and buildout")
-        seconds = await run_buildout(release, bootstrap=cfg.buildout.bootstrap,
-                                     command=cfg.buildout.command, timeout=cfg.buildout.timeout,
-                                     environment=cfg.buildout.environment)
-        await self.phase("buildout", "done", f"buildout succeeded in {seconds:.1f} s",
-                         seconds=round(seconds, 2))
-        await asyncio.to_thread(mgr.mark_complete, release, sha=sha,
-                                cfg_digest=digest(deploy_cfg))
+        seconds = await run_buildout(
+            release,
+            bootstrap=cfg.buildout.bootstrap,
+            command=cfg.buildout.command,
+            timeout=cfg.buildout.timeout,
+            environment=cfg.buildout.environment,
+        )
+        await self.phase(
+            "buildout", "done", f"buildout succeeded in {seconds:.1f} s", seconds=round(seconds, 2)
+        )
+        await asyncio.to_thread(mgr.mark_complete, release, sha=sha, cfg_digest=digest(deploy_cfg))
 
     async def switch(self, app: str, mgr: ReleaseManager, release: Path) -> ReleaseInfo:
         await asyncio.to_thread(mgr.switch, release)
         info = mgr.current()
         assert info is not None
         state = self.store.load()
-        state.apps[app] = AppState(sha=info.sha, cfg_digest=info.cfg_digest, release=info.name,
-                                   deployed_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        state.apps[app] = AppState(
+            sha=info.sha,
+            cfg_digest=info.cfg_digest,
+            release=info.name,
+            deployed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
         self.store.save(state)
-        await self.phase("switch", "done", f"current -> releases/{info.name}",
-                         release=info.name, revision=info.sha)
+        await self.phase(
+            "switch",
+            "done",
+            f"current -> releases/{info.name}",
+            release=info.name,
+            revision=info.sha,
+        )
         return info
 
-    async def restart_or_recover(self, app: str, mgr: ReleaseManager,
-                                 previous: ReleaseInfo | None, restart_delay: float | None,
-                                 outcome: Outcome) -> None:
+    async def restart_or_recover(
+        self,
+        app: str,
+        mgr: ReleaseManager,
+        previous: ReleaseInfo | None,
+        restart_delay: float | None,
+        outcome: Outcome,
+    ) -> None:
         """Restart the clients; a halted roll fails the deploy, and with ``on_failure:
         rollback`` puts the previous release back and restarts what had been restarted."""
         cfg = self.config.app(app)
@@ -295,12 +379,14 @@ class Pipeline:
             await self.switch(app, mgr, previous.path)
             redo = [*exc.restarted, exc.program]
             outcome.details["rollback_restart"] = await self.restart_clients(
-                app, restart_delay, only=redo)
+                app, restart_delay, only=redo
+            )
             outcome.message += f"; rolled back to {previous.name}"
             outcome.release, outcome.revision = previous.name, previous.sha
 
-    async def restart_clients(self, app: str, restart_delay: float | None,
-                              only: list[str] | None = None) -> dict[str, Any]:
+    async def restart_clients(
+        self, app: str, restart_delay: float | None, only: list[str] | None = None
+    ) -> dict[str, Any]:
         cfg = self.config.app(app)
         if self.restarter is None:
             await self.phase("restart", "skipped", "no supervisor configured: nothing restarted")
@@ -312,8 +398,9 @@ class Pipeline:
         if delay is None:
             delay = settings.plone_instances.restart_delay
         await self.phase("restart", "started", f"{cfg.restart.strategy} restart, delay {delay} s")
-        report = await self.restarter.restart(app=app, config=cfg, layout=self.layout(settings),
-                                              restart_delay=delay, only=only)
+        report = await self.restarter.restart(
+            app=app, config=cfg, layout=self.layout(settings), restart_delay=delay, only=only
+        )
         await self.phase("restart", "done", "clients restarted", **report)
         return report
 
@@ -324,12 +411,23 @@ class Pipeline:
         if target is None:
             raise ReleaseError(f"no release to roll back to for {app}: only one release exists")
         if current is not None and target.name == current.name:
-            return Outcome(kind="rollback", app=app, status="unchanged", revision=target.sha,
-                           release=target.name, message=f"{target.name} is already current")
+            return Outcome(
+                kind="rollback",
+                app=app,
+                status="unchanged",
+                revision=target.sha,
+                release=target.name,
+                message=f"{target.name} is already current",
+            )
         await self.switch(app, mgr, target.path)
-        outcome = Outcome(kind="rollback", app=app, status="succeeded", revision=target.sha,
-                          release=target.name,
-                          message=f"rolled back to {target.name} ({target.sha[:12]})")
+        outcome = Outcome(
+            kind="rollback",
+            app=app,
+            status="succeeded",
+            revision=target.sha,
+            release=target.name,
+            message=f"rolled back to {target.name} ({target.sha[:12]})",
+        )
         outcome.details["restart"] = await self.restart_clients(app, None)
         return outcome
 
@@ -338,8 +436,14 @@ class Pipeline:
         current = self.manager(app).current()
         if current is None:
             raise ReleaseError(f"{app} is not deployed here yet: nothing to restart")
-        outcome = Outcome(kind="restart", app=app, status="succeeded", revision=current.sha,
-                          release=current.name, message=f"clients of {current.name} restarted")
+        outcome = Outcome(
+            kind="restart",
+            app=app,
+            status="succeeded",
+            revision=current.sha,
+            release=current.name,
+            message=f"clients of {current.name} restarted",
+        )
         outcome.details["restart"] = await self.restart_clients(app, restart_delay)
         return outcome
 
@@ -348,14 +452,25 @@ class Pipeline:
         mgr = self.manager(app)
         current = mgr.current()
         if current is None:
-            return Outcome(kind="configure", app=app, status="unchanged",
-                           message=f"{app} is not deployed here yet: nothing to configure")
+            return Outcome(
+                kind="configure",
+                app=app,
+                status="unchanged",
+                message=f"{app} is not deployed here yet: nothing to configure",
+            )
         new_cfg = self.render(app, current.sha, self.settings())
         if new_cfg == self.deployed_cfg(current):
-            return Outcome(kind="configure", app=app, status="unchanged", revision=current.sha,
-                           release=current.name, message="deploy.cfg unchanged")
-        await self.phase("plan", "done", "deploy.cfg changed: new release",
-                         decision="config-changed")
+            return Outcome(
+                kind="configure",
+                app=app,
+                status="unchanged",
+                revision=current.sha,
+                release=current.name,
+                message="deploy.cfg unchanged",
+            )
+        await self.phase(
+            "plan", "done", "deploy.cfg changed: new release", decision="config-changed"
+        )
         outcome = await self.release_and_switch(app, current.sha, new_cfg, "config-changed", None)
         outcome.kind = "configure"
         return outcome

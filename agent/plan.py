@@ -68,8 +68,9 @@ def service_only(settings: PloneInstances, layers: Sequence[str]) -> bool:
     return bool(layers) and set(layers) <= services
 
 
-def client_layout(settings: PloneInstances, *, cpu_count: int, memory_mb: int,
-                  layers: Sequence[str] = ()) -> ClientLayout:
+def client_layout(
+    settings: PloneInstances, *, cpu_count: int, memory_mb: int, layers: Sequence[str] = ()
+) -> ClientLayout:
     if service_only(settings, layers):
         return ClientLayout(count=0, base_port=settings.base_port)
     count = client_count(settings, cpu_count=cpu_count, memory_mb=memory_mb)

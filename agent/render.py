@@ -125,11 +125,17 @@ def service_sections(inp: RenderInput) -> list[str]:
             sections.append(section("solr-host", [option("host", host, what="solr-host")]))
     host = celery_host(inp)
     if host:
-        lines = [option("host", host, what="celery-broker"),
-                 option("port", plone.broker.port, what="celery-broker")]
+        lines = [
+            option("host", host, what="celery-broker"),
+            option("port", plone.broker.port, what="celery-broker"),
+        ]
         sections.append(section("celery-broker", lines))
-        sections.append(section("celery", ["broker-host = ${celery-broker:host}",
-                                           "broker-port = ${celery-broker:port}"]))
+        sections.append(
+            section(
+                "celery",
+                ["broker-host = ${celery-broker:host}", "broker-port = ${celery-broker:port}"],
+            )
+        )
     return sections
 
 
@@ -197,8 +203,11 @@ def instances_section(inp: RenderInput) -> str:
             for layer in member.layers:
                 by_layer.setdefault(layer, []).append(member)
     lines = [
-        option(layer, [m.address for m in sorted(by_layer[layer], key=lambda m: m.id)],
-               what="instances")
+        option(
+            layer,
+            [m.address for m in sorted(by_layer[layer], key=lambda m: m.id)],
+            what="instances",
+        )
         for layer in sorted(by_layer)
     ]
     return section("instances", lines)

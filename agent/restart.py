@@ -19,11 +19,19 @@ class SupervisorRestarter:
         self.config = config
 
     def client(self) -> SupervisorClient:
-        return SupervisorClient(self.config.url, username=self.config.username,
-                                password=read_secret(self.config.password_file))
+        return SupervisorClient(
+            self.config.url,
+            username=self.config.username,
+            password=read_secret(self.config.password_file),
+        )
 
     async def restart(
-        self, *, app: str, config: AppConfig, layout: ClientLayout, restart_delay: float,
+        self,
+        *,
+        app: str,
+        config: AppConfig,
+        layout: ClientLayout,
+        restart_delay: float,
         only: list[str] | None = None,
     ) -> dict[str, Any]:
         plan = RestartPlan(

@@ -142,9 +142,11 @@ async def _add_supporting(
                         proc.namespec, timeout=max(0.0, deadline - time.monotonic())
                     )
                 except ProgramDidNotStart as exc:
-                    raise RestartHalted(f"{proc.name} (new in supervisord's configuration) did"
-                                        f" not start: {exc}", program=proc.name,
-                                        restarted=[]) from exc
+                    raise RestartHalted(
+                        f"{proc.name} (new in supervisord's configuration) did not start: {exc}",
+                        program=proc.name,
+                        restarted=[],
+                    ) from exc
         log.info("restart.supporting_added", group=group)
 
 
@@ -199,8 +201,11 @@ def _health_urls(plan: RestartPlan, steps: Sequence[_Step]) -> dict[str, str]:
         for proc in step.programs:
             port = plan.ports.get(proc.name)
             if port is None and "{port}" in plan.health_url:
-                log.info("restart.no_health_url", program=proc.name,
-                         reason="no port known for it: RUNNING is its health check")
+                log.info(
+                    "restart.no_health_url",
+                    program=proc.name,
+                    reason="no port known for it: RUNNING is its health check",
+                )
                 continue
             urls[proc.name] = health_url_for(plan.health_url, name=proc.name, port=port)
     return urls

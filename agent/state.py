@@ -87,8 +87,10 @@ class StateStore:
         return AgentState(apps=apps, processed=list(raw.get("processed", [])))
 
     def save(self, state: AgentState) -> None:
-        data = {"apps": {k: asdict(v) for k, v in sorted(state.apps.items())},
-                "processed": state.processed}
+        data = {
+            "apps": {k: asdict(v) for k, v in sorted(state.apps.items())},
+            "processed": state.processed,
+        }
         try:
             atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
         except OSError as exc:
@@ -97,8 +99,11 @@ class StateStore:
     def journal(self, command_id: str, entry: dict[str, Any]) -> None:
         """Record a command before it runs, so a crash mid-run is reported, not lost."""
         try:
-            atomic_write(self.journal_dir / f"{command_id}.json",
-                         json.dumps(entry, sort_keys=True, default=str).encode(), mode=0o600)
+            atomic_write(
+                self.journal_dir / f"{command_id}.json",
+                json.dumps(entry, sort_keys=True, default=str).encode(),
+                mode=0o600,
+            )
         except OSError as exc:
             raise StateError(f"cannot write journal entry {command_id}: {exc}") from exc
 

@@ -33,8 +33,13 @@ def say(text: str) -> None:
 
 
 def git(*args: str, cwd: Path) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "demo", "GIT_AUTHOR_EMAIL": "demo@example.org",
-           "GIT_COMMITTER_NAME": "demo", "GIT_COMMITTER_EMAIL": "demo@example.org"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "demo",
+        "GIT_AUTHOR_EMAIL": "demo@example.org",
+        "GIT_COMMITTER_NAME": "demo",
+        "GIT_COMMITTER_EMAIL": "demo@example.org",
+    }
     subprocess.run(["git", *args], cwd=cwd, check=True, env=env, capture_output=True)
 
 
@@ -71,8 +76,13 @@ def stop_previous() -> None:
 
 def make_repository() -> tuple[Path, Path]:
     work, bare = DEMO / "site-work", DEMO / "site.git"
-    shutil.copytree(HERE / APP, work, ignore=shutil.ignore_patterns(
-        "bin", "parts", "develop-eggs", ".installed.cfg", "var", "__pycache__", "*.egg-info"))
+    shutil.copytree(
+        HERE / APP,
+        work,
+        ignore=shutil.ignore_patterns(
+            "bin", "parts", "develop-eggs", ".installed.cfg", "var", "__pycache__", "*.egg-info"
+        ),
+    )
     git("init", "-q", "-b", "main", cwd=work)
     git("add", "-A", cwd=work)
     git("commit", "-q", "-m", "first version", cwd=work)
@@ -92,23 +102,35 @@ def socket_path() -> Path:
 def write_config(bare: Path, base_port: int, zeo_port: int) -> Path:
     config = {
         "stack": "demo",
-        "instance": {"id": "demo-1", "address": "127.0.0.1",
-                     "layers": ["plone_instances", "zeoserver"]},
+        "instance": {
+            "id": "demo-1",
+            "address": "127.0.0.1",
+            "layers": ["plone_instances", "zeoserver"],
+        },
         "paths": {"root": "srv", "state": "state"},
         "supervisor": {"url": f"unix://{socket_path()}"},
-        "apps": {APP: {
-            "repository": str(bare),
-            "branch": "main",
-            "layers": ["plone_instances"],
-            "keep_releases": 3,
-            "buildout": {"command": ["buildout", "-c", "deploy.cfg"], "timeout": 600},
-            "restart": {"programs": ["client*"], "health_url": "http://127.0.0.1:{port}/health",
-                        "health_timeout": 60},
-        }},
+        "apps": {
+            APP: {
+                "repository": str(bare),
+                "branch": "main",
+                "layers": ["plone_instances"],
+                "keep_releases": 3,
+                "buildout": {"command": ["buildout", "-c", "deploy.cfg"], "timeout": 600},
+                "restart": {
+                    "programs": ["client*"],
+                    "health_url": "http://127.0.0.1:{port}/health",
+                    "health_timeout": 60,
+                },
+            }
+        },
         "stack_config": {
-            "plone_instances": {"instance_count": 2, "base_port": base_port,
-                                "zeo": {"address": f"127.0.0.1:{zeo_port}"},
-                                "zodb_cache_size": 30000, "restart_delay": 1},
+            "plone_instances": {
+                "instance_count": 2,
+                "base_port": base_port,
+                "zeo": {"address": f"127.0.0.1:{zeo_port}"},
+                "zodb_cache_size": 30000,
+                "restart_delay": 1,
+            },
             "deploy": {APP: {"environment": {"TZ": "UTC"}}},
         },
     }

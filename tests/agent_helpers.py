@@ -44,8 +44,9 @@ class Operator:
 
     def command(self, kind: str = "deploy", *, sign: bool = True, **fields: Any) -> Command:
         fields.setdefault("app", APP if kind != "configure" else None)
-        command = Command.create(kind, issued_by="test@ci", now=datetime.now(UTC), stack=STACK,
-                                 **fields)
+        command = Command.create(
+            kind, issued_by="test@ci", now=datetime.now(UTC), stack=STACK, **fields
+        )
         return sign_command(command, load_private_key(self.key_path)) if sign else command
 
     def send(self, command: Command | bytes) -> None:
@@ -64,18 +65,36 @@ class AgentProcess:
     log_files: list[Path] = field(default_factory=list)
 
     @classmethod
-    def create(cls, directory: Path, name: str, *, port: int, repo: SiteRepo, operator: Operator,
-               address: str, layers: list[str] | None = None, **overrides: Any) -> AgentProcess:
+    def create(
+        cls,
+        directory: Path,
+        name: str,
+        *,
+        port: int,
+        repo: SiteRepo,
+        operator: Operator,
+        address: str,
+        layers: list[str] | None = None,
+        **overrides: Any,
+    ) -> AgentProcess:
         directory.mkdir(parents=True, exist_ok=True)
         overrides.setdefault("membership_debounce", 0.5)
         write_config(
-            directory, repo,
-            **{"instance.id": name, "instance.address": address,
-               "instance.layers": layers or ["plone_instances"],
-               "broker": {"host": "127.0.0.1", "port": port, "keepalive": 5},
-               "security": {"trusted_keys": [str(operator.public_key)],
-                            "require_signatures": True, "max_clock_skew": 300},
-               **overrides})
+            directory,
+            repo,
+            **{
+                "instance.id": name,
+                "instance.address": address,
+                "instance.layers": layers or ["plone_instances"],
+                "broker": {"host": "127.0.0.1", "port": port, "keepalive": 5},
+                "security": {
+                    "trusted_keys": [str(operator.public_key)],
+                    "require_signatures": True,
+                    "max_clock_skew": 300,
+                },
+                **overrides,
+            },
+        )
         return cls(name=name, directory=directory, config_path=directory / "agent.yaml")
 
     def start(self) -> AgentProcess:
@@ -84,7 +103,11 @@ class AgentProcess:
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "run", "-c", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
         return self
 
     def logs(self, *, all_runs: bool = True) -> list[dict[str, Any]]:
@@ -139,12 +162,20 @@ def running_agents(*agents: AgentProcess) -> Iterator[tuple[AgentProcess, ...]]:
 
 
 def events(seen: Collector) -> list[Event]:
-    return [parse_message(Event, m.payload) for m in seen.snapshot()
-            if m.topic.startswith(f"deploy-agent/{STACK}/events/")]
+    return [
+        parse_message(Event, m.payload)
+        for m in seen.snapshot()
+        if m.topic.startswith(f"deploy-agent/{STACK}/events/")
+    ]
 
 
-def results(seen: Collector, command: Command | None = None, *, kind: str | None = None,
-            after: datetime | None = None) -> dict[str, Event]:
+def results(
+    seen: Collector,
+    command: Command | None = None,
+    *,
+    kind: str | None = None,
+    after: datetime | None = None,
+) -> dict[str, Event]:
     """Final events by instance, for one command (or reconfigures when command is None)."""
     found = {}
     for event in events(seen):
@@ -160,14 +191,21 @@ def results(seen: Collector, command: Command | None = None, *, kind: str | None
     return found
 
 
-def wait_results(seen: Collector, command: Command | None, instances: set[str], *,
-                 timeout: float = 120, kind: str | None = None,
-                 after: datetime | None = None) -> dict[str, Event]:
+def wait_results(
+    seen: Collector,
+    command: Command | None,
+    instances: set[str],
+    *,
+    timeout: float = 120,
+    kind: str | None = None,
+    after: datetime | None = None,
+) -> dict[str, Event]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = results(seen, command, kind=kind, after=after)
         if instances <= set(found):
             return found
         time.sleep(0.2)
-    raise TimeoutError(f"results from {sorted(results(seen, command, kind=kind))}, "
-                       f"wanted {sorted(instances)}")
+    raise TimeoutError(
+        f"results from {sorted(results(seen, command, kind=kind))}, wanted {sorted(instances)}"
+    )

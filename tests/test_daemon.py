@@ -42,24 +42,48 @@ def operator(broker, tmp_path: Path) -> Operator:
     return Operator.create(broker.port, tmp_path / "operator")
 
 
-def agent(tmp_path: Path, name: str, broker, site_repo: SiteRepo, operator: Operator,
-          address: str, **overrides) -> AgentProcess:
-    return AgentProcess.create(tmp_path / name, name, port=broker.port, repo=site_repo,
-                               operator=operator, address=address, **overrides)
+def agent(
+    tmp_path: Path,
+    name: str,
+    broker,
+    site_repo: SiteRepo,
+    operator: Operator,
+    address: str,
+    **overrides,
+) -> AgentProcess:
+    return AgentProcess.create(
+        tmp_path / name,
+        name,
+        port=broker.port,
+        repo=site_repo,
+        operator=operator,
+        address=address,
+        **overrides,
+    )
 
 
 def presence_of(broker, name: str) -> Presence:
     return parse_message(Presence, retained(broker.port, TOPICS.instance(name)).payload)
 
 
-def test_a_deploy_reaches_every_targeted_agent_and_each_reports(tmp_path, broker, operator,
-                                                                 site_repo):
+def test_a_deploy_reaches_every_targeted_agent_and_each_reports(
+    tmp_path, broker, operator, site_repo
+):
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
-    db = agent(tmp_path, "db-1", broker, site_repo, operator, "127.0.0.4", **{
-        "instance.layers": ["zeoserver"]})
-    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, \
-            running_agents(web1, web2, db):
+    db = agent(
+        tmp_path,
+        "db-1",
+        broker,
+        site_repo,
+        operator,
+        "127.0.0.4",
+        **{"instance.layers": ["zeoserver"]},
+    )
+    with (
+        Collector(broker.port, ["deploy-agent/test/events/+"]) as seen,
+        running_agents(web1, web2, db),
+    ):
         command = operator.command("deploy")
         operator.send(command)
         found = wait_results(seen, command, {"web-1", "web-2", "db-1"})
@@ -69,15 +93,15 @@ def test_a_deploy_reaches_every_targeted_agent_and_each_reports(tmp_path, broker
             assert found[name].details["decision"] == "new-revision"
         # db-1 does not carry the app's layer: it ran configure instead, and said so.
         assert found["db-1"].status == "unchanged" and found["db-1"].kind == "deploy"
-        phases = [e.phase for e in events(seen) if e.instance == "web-1"
-                  and e.command_id == command.id]
+        phases = [
+            e.phase for e in events(seen) if e.instance == "web-1" and e.command_id == command.id
+        ]
         assert phases[0] == "received" and phases[-1] == "result"
         assert {"fetch", "buildout", "switch"} <= set(phases)
         presence = presence_of(broker, "web-1")
         assert presence.state == "online"
         assert presence.apps[APP].revision == site_repo.head()
-        status = parse_message(StatusRecord,
-                               retained(broker.port, TOPICS.status("web-1")).payload)
+        status = parse_message(StatusRecord, retained(broker.port, TOPICS.status("web-1")).payload)
         assert status.apps[APP].status == "succeeded"
         targeted = operator.command("deploy", targets=["web-2"], always_buildout=True)
         operator.send(targeted)
@@ -87,8 +111,9 @@ def test_a_deploy_reaches_every_targeted_agent_and_each_reports(tmp_path, broker
         assert set(results(seen, targeted)) == {"web-2"}
 
 
-def test_a_command_sent_while_an_agent_is_down_runs_when_it_comes_back(tmp_path, broker,
-                                                                       operator, site_repo):
+def test_a_command_sent_while_an_agent_is_down_runs_when_it_comes_back(
+    tmp_path, broker, operator, site_repo
+):
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen:
         with running_agents(web1):
@@ -102,16 +127,19 @@ def test_a_command_sent_while_an_agent_is_down_runs_when_it_comes_back(tmp_path,
 
 
 def test_bad_commands_are_rejected_with_a_reason_and_the_agent_keeps_serving(
-        tmp_path, broker, operator, site_repo):
+    tmp_path, broker, operator, site_repo
+):
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     stranger = Operator.create(broker.port, tmp_path / "stranger")
     with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, running_agents(web1):
         unsigned = operator.command("deploy", sign=False)
         forged = stranger.command("deploy")
         stale = operator.command("deploy", sign=False).model_copy(
-            update={"issued_at": datetime.now(UTC) - timedelta(hours=2)})
+            update={"issued_at": datetime.now(UTC) - timedelta(hours=2)}
+        )
         from agent.keys import load_private_key
         from agent.protocol import sign_command
+
         stale = sign_command(stale, load_private_key(operator.key_path))
         unknown = operator.command("deploy", app="no-such-app")
         for bad in (unsigned, forged, stale, unknown):
@@ -122,8 +150,10 @@ def test_bad_commands_are_rejected_with_a_reason_and_the_agent_keeps_serving(
         reasons = {}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(reasons) < 7:
-            reasons = {i: e.message for i, e in enumerate(
-                e for e in events(seen) if e.status == "rejected")}
+            reasons = {
+                i: e.message
+                for i, e in enumerate(e for e in events(seen) if e.status == "rejected")
+            }
             time.sleep(0.2)
         text = "\n".join(reasons.values())
         assert len(reasons) == 7, text
@@ -135,8 +165,9 @@ def test_bad_commands_are_rejected_with_a_reason_and_the_agent_keeps_serving(
         operator.send(good)  # the same id again: a replay
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            replays = [e for e in events(seen) if e.command_id == good.id
-                       and e.status == "rejected"]
+            replays = [
+                e for e in events(seen) if e.command_id == good.id and e.status == "rejected"
+            ]
             if replays:
                 break
             time.sleep(0.2)
@@ -144,12 +175,12 @@ def test_bad_commands_are_rejected_with_a_reason_and_the_agent_keeps_serving(
         assert web1.process is not None and web1.process.poll() is None
 
 
-def test_sigkill_marks_the_agent_offline_and_the_others_reconfigure(tmp_path, broker,
-                                                                     operator, site_repo):
+def test_sigkill_marks_the_agent_offline_and_the_others_reconfigure(
+    tmp_path, broker, operator, site_repo
+):
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
-    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, \
-            running_agents(web1, web2):
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, running_agents(web1, web2):
         command = operator.command("deploy")
         operator.send(command)
         wait_results(seen, command, {"web-1", "web-2"})
@@ -161,41 +192,52 @@ def test_sigkill_marks_the_agent_offline_and_the_others_reconfigure(tmp_path, br
         while presence_of(broker, "web-2").state != "offline":
             assert time.monotonic() < deadline, "the Last Will never marked web-2 offline"
             time.sleep(0.5)
-        found = wait_results(seen, None, {"web-1"}, kind="configure", timeout=60,
-                             after=killed_at)
+        found = wait_results(seen, None, {"web-1"}, kind="configure", timeout=60, after=killed_at)
         assert found["web-1"].status == "succeeded", found["web-1"].message
         cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
         assert "plone_instances = 127.0.0.2\n" in cfg
 
 
-def test_a_burst_of_joins_gives_one_debounced_reconfigure(tmp_path, broker, operator,
-                                                          site_repo):
-    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2",
-                 membership_debounce=3)
-    others = [agent(tmp_path, f"web-{n}", broker, site_repo, operator, f"127.0.0.{n + 1}")
-              for n in (2, 3, 4)]
+def test_a_burst_of_joins_gives_one_debounced_reconfigure(tmp_path, broker, operator, site_repo):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2", membership_debounce=3)
+    others = [
+        agent(tmp_path, f"web-{n}", broker, site_repo, operator, f"127.0.0.{n + 1}")
+        for n in (2, 3, 4)
+    ]
     with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, running_agents(web1):
         command = operator.command("deploy", targets=["web-1"])
         operator.send(command)
         wait_results(seen, command, {"web-1"})
         joined_at = datetime.now(UTC)
         with running_agents(*others):
-            found = wait_results(seen, None, {"web-1"}, kind="configure", timeout=60,
-                                 after=joined_at)
+            found = wait_results(
+                seen, None, {"web-1"}, kind="configure", timeout=60, after=joined_at
+            )
             assert found["web-1"].status == "succeeded", found["web-1"].message
             time.sleep(4)
-            runs = [e for e in events(seen) if e.instance == "web-1" and e.command_id is None
-                    and e.phase == "result" and e.at > joined_at]
+            runs = [
+                e
+                for e in events(seen)
+                if e.instance == "web-1"
+                and e.command_id is None
+                and e.phase == "result"
+                and e.at > joined_at
+            ]
             assert len(runs) == 1, [e.message for e in runs]
             cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
             assert "plone_instances = 127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5" in cfg
 
 
-def test_broker_restart_mid_deploy_agents_reconnect_and_report(tmp_path, broker, operator,
-                                                                site_repo):
+def test_broker_restart_mid_deploy_agents_reconnect_and_report(
+    tmp_path, broker, operator, site_repo
+):
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
-    with Collector(broker.port, ["deploy-agent/test/events/+"], client_id="watcher",
-                   clean_session=False) as seen, running_agents(web1):
+    with (
+        Collector(
+            broker.port, ["deploy-agent/test/events/+"], client_id="watcher", clean_session=False
+        ) as seen,
+        running_agents(web1),
+    ):
         command = operator.command("deploy")
         operator.send(command)
         web1.wait_logged("pipeline.phase", phase="buildout", status="started")
@@ -208,8 +250,9 @@ def test_broker_restart_mid_deploy_agents_reconnect_and_report(tmp_path, broker,
         assert len([e for e in web1.logs() if e.get("event") == "mqtt.connected"]) >= 2
 
 
-def test_sigterm_waits_for_the_running_deploy_then_publishes_offline(tmp_path, broker,
-                                                                      operator, site_repo):
+def test_sigterm_waits_for_the_running_deploy_then_publishes_offline(
+    tmp_path, broker, operator, site_repo
+):
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen:
         web1.start()
@@ -223,7 +266,8 @@ def test_sigterm_waits_for_the_running_deploy_then_publishes_offline(tmp_path, b
 
 
 def test_sigkill_mid_deploy_is_reported_interrupted_and_current_stays_valid(
-        tmp_path, broker, operator, site_repo):
+    tmp_path, broker, operator, site_repo
+):
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen:
         with running_agents(web1):
@@ -251,20 +295,30 @@ def test_sigkill_mid_deploy_is_reported_interrupted_and_current_stays_valid(
 
 
 def test_a_frontend_rewrites_its_haproxy_backends_when_instances_come_and_go(
-        tmp_path, broker, operator, site_repo):
+    tmp_path, broker, operator, site_repo
+):
     backends = tmp_path / "lb" / "haproxy.cfg"
     reloads = tmp_path / "lb" / "reloads"
     backends.parent.mkdir()
-    template = {"source": str(Path(__file__).resolve().parent.parent / "config" /
-                              "haproxy.cfg.tmpl"),
-                "destination": str(backends),
-                "reload": [sys.executable, "-c",
-                           f"open({str(reloads)!r}, 'a').write('reload\\n')"],
-                "layers": ["frontend"]}
-    lb = agent(tmp_path, "lb-1", broker, site_repo, operator, "127.0.0.9",
-               **{"instance.layers": ["frontend"], "templates": [template],
-                  "stack_config.haproxy": {"bind": "127.0.0.1:8000", "user": "", "group": "",
-                                           "log": ""}})
+    template = {
+        "source": str(Path(__file__).resolve().parent.parent / "config" / "haproxy.cfg.tmpl"),
+        "destination": str(backends),
+        "reload": [sys.executable, "-c", f"open({str(reloads)!r}, 'a').write('reload\\n')"],
+        "layers": ["frontend"],
+    }
+    lb = agent(
+        tmp_path,
+        "lb-1",
+        broker,
+        site_repo,
+        operator,
+        "127.0.0.9",
+        **{
+            "instance.layers": ["frontend"],
+            "templates": [template],
+            "stack_config.haproxy": {"bind": "127.0.0.1:8000", "user": "", "group": "", "log": ""},
+        },
+    )
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
     with running_agents(lb, web1):
@@ -280,7 +334,8 @@ def test_a_frontend_rewrites_its_haproxy_backends_when_instances_come_and_go(
             assert time.monotonic() < deadline + 120, lb.tail()
             time.sleep(0.3)
         haproxy = require_binary("haproxy")
-        check = subprocess.run([haproxy, "-c", "-q", "-f", str(backends)], capture_output=True,
-                               text=True)
+        check = subprocess.run(
+            [haproxy, "-c", "-q", "-f", str(backends)], capture_output=True, text=True
+        )
         assert check.returncode == 0, check.stderr + backends.read_text()
         assert reloads.read_text().count("reload") >= 3

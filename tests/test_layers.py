@@ -12,8 +12,17 @@ AGENT = Path(__file__).resolve().parent.parent / "agent"
 LAYERS: list[set[str]] = [
     {"errors", "log", "sdnotify", "__init__"},
     {"config", "stackconfig", "plan", "keys", "wire", "protocol", "render", "state", "intake"},
-    {"gitmirror", "releases", "buildout", "health", "supervisor", "rolling", "mqtt",
-     "templates", "fleet"},
+    {
+        "gitmirror",
+        "releases",
+        "buildout",
+        "health",
+        "supervisor",
+        "rolling",
+        "mqtt",
+        "templates",
+        "fleet",
+    },
     {"pipeline", "restart", "announce"},
     {"daemon", "operator", "operator_config", "operator_cli"},
     {"cli"},
@@ -46,8 +55,10 @@ def test_every_module_imports_only_its_own_layer_or_lower_ones():
         module = path.stem
         for imported in agent_imports(path):
             if layer_of(imported) > layer_of(module):
-                upward.append(f"agent.{module} (layer {layer_of(module)}) imports "
-                              f"agent.{imported} (layer {layer_of(imported)})")
+                upward.append(
+                    f"agent.{module} (layer {layer_of(module)}) imports "
+                    f"agent.{imported} (layer {layer_of(imported)})"
+                )
     assert upward == []
 
 
@@ -56,8 +67,15 @@ def test_the_pure_core_does_no_io_of_its_own():
     forbidden = {"subprocess", "socket", "aiomqtt", "git", "xmlrpc", "supervisor"}
     for module in LAYERS[1] - {"config", "keys"}:  # config reads its file, keys their files
         tree = ast.parse((AGENT / f"{module}.py").read_text())
-        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
-                 for a in n.names}
-        names |= {n.module.split(".")[0] for n in ast.walk(tree)
-                  if isinstance(n, ast.ImportFrom) and n.module}
+        names = {
+            a.name.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Import)
+            for a in n.names
+        }
+        names |= {
+            n.module.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module
+        }
         assert not names & forbidden, (module, names & forbidden)

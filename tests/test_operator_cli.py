@@ -101,16 +101,35 @@ class FakeAgent:
     delay: float = 0.15
 
     def presence(self) -> Presence:
-        return Presence(instance=self.instance, state=self.state, layers=self.layers,
-                        apps={"mysite": AppPresence(release="20250101T000000Z", revision=SHA)},
-                        agent_version="0.1.0", since=datetime.now(UTC))
+        return Presence(
+            instance=self.instance,
+            state=self.state,
+            layers=self.layers,
+            apps={"mysite": AppPresence(release="20250101T000000Z", revision=SHA)},
+            agent_version="0.1.0",
+            since=datetime.now(UTC),
+        )
 
-    async def publish_event(self, client: aiomqtt.Client, command: Any, phase: str, status: str,
-                            message: str = "", **details: Any) -> None:
-        event = Event(instance=self.instance, command_id=command.id if command else None,
-                      kind=command.kind if command else None, app=command.app if command else None,
-                      phase=phase, status=status, message=message, details=details,
-                      at=datetime.now(UTC))
+    async def publish_event(
+        self,
+        client: aiomqtt.Client,
+        command: Any,
+        phase: str,
+        status: str,
+        message: str = "",
+        **details: Any,
+    ) -> None:
+        event = Event(
+            instance=self.instance,
+            command_id=command.id if command else None,
+            kind=command.kind if command else None,
+            app=command.app if command else None,
+            phase=phase,
+            status=status,
+            message=message,
+            details=details,
+            at=datetime.now(UTC),
+        )
         await client.publish(self.op.topics.events(self.instance), encode(event), qos=1)
 
     def addressed(self, targets: list[str] | None) -> bool:
@@ -125,8 +144,14 @@ class FakeAgent:
         if not self.addressed(command.targets):
             return
         try:
-            verify_command(command, [self.trusted or self.op.trusted], require_signatures=True,
-                           max_clock_skew=300, now=datetime.now(UTC), stack=self.op.stack)
+            verify_command(
+                command,
+                [self.trusted or self.op.trusted],
+                require_signatures=True,
+                max_clock_skew=300,
+                now=datetime.now(UTC),
+                stack=self.op.stack,
+            )
         except CommandRejected as exc:
             await self.publish_event(client, command, "result", "rejected", str(exc))
             return
@@ -140,16 +165,25 @@ class FakeAgent:
         outcome = "failed" if self.behaviour == "fail" else "succeeded"
         self.timeline.append(("final", self.instance, str(command.id)))
         await self.publish_event(
-            client, command, "result", outcome,
+            client,
+            command,
+            "result",
+            outcome,
             "buildout exited 1" if outcome == "failed" else "",
-            revision=SHA, release="20250102T000000Z", decision="new-revision", seconds=0.3)
+            revision=SHA,
+            release="20250102T000000Z",
+            decision="new-revision",
+            seconds=0.3,
+        )
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[aiomqtt.Client]:
-        async with aiomqtt.Client("127.0.0.1", self.op.port, identifier=self.instance
-                                  + uuid4().hex[:6]) as client:
-            await client.publish(self.op.topics.instance(self.instance), encode(self.presence()),
-                                 qos=1, retain=True)
+        async with aiomqtt.Client(
+            "127.0.0.1", self.op.port, identifier=self.instance + uuid4().hex[:6]
+        ) as client:
+            await client.publish(
+                self.op.topics.instance(self.instance), encode(self.presence()), qos=1, retain=True
+            )
             if self.state == "online":  # an offline one only left its retained presence
                 await client.subscribe(self.op.topics.commands, qos=1)
 
@@ -190,8 +224,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", *args, env=env or cli_env(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "agent.cli",
+        *args,
+        env=env or cli_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return Result(process.returncode, out.decode(), err.decode())
@@ -209,8 +249,9 @@ async def test_deploy_wait_exits_0_when_every_instance_succeeded(operator: Opera
     agents = [FakeAgent(operator, f"web-{n}", timeline) for n in (1, 2)]
     offline = FakeAgent(operator, "web-9", timeline, state="offline")
     async with fleet(*agents, offline):
-        result = await cli("deploy", "mysite", "--wait", "--timeout", "30",
-                           "--config", str(operator.config))
+        result = await cli(
+            "deploy", "mysite", "--wait", "--timeout", "30", "--config", str(operator.config)
+        )
     assert result.code == 0, result
     assert "web-1" in result.out and "web-2" in result.out and "web-9" not in result.out
     assert "succeeded" in result.out and SHA[:10] in result.out and "20250102T000000Z" in result.out
@@ -220,11 +261,21 @@ async def test_deploy_wait_exits_0_when_every_instance_succeeded(operator: Opera
 
 async def test_deploy_json_reports_one_failed_instance_and_exits_1(operator: Operator) -> None:
     timeline: Timeline = []
-    agents = [FakeAgent(operator, "web-1", timeline),
-              FakeAgent(operator, "web-2", timeline, behaviour="fail")]
+    agents = [
+        FakeAgent(operator, "web-1", timeline),
+        FakeAgent(operator, "web-2", timeline, behaviour="fail"),
+    ]
     async with fleet(*agents):
-        result = await cli("deploy", "mysite", "--revision", "main", "--wait", "--json",
-                           "--config", str(operator.config))
+        result = await cli(
+            "deploy",
+            "mysite",
+            "--revision",
+            "main",
+            "--wait",
+            "--json",
+            "--config",
+            str(operator.config),
+        )
     assert result.code == 1, result
     document = result.json()
     assert document["exit_code"] == 1 and len(document["command_ids"]) == 1
@@ -235,12 +286,22 @@ async def test_deploy_json_reports_one_failed_instance_and_exits_1(operator: Ope
 
 async def test_an_instance_that_never_answers_times_out_with_exit_3(operator: Operator) -> None:
     timeline: Timeline = []
-    agents = [FakeAgent(operator, "web-1", timeline),
-              FakeAgent(operator, "web-2", timeline, behaviour="silent")]
+    agents = [
+        FakeAgent(operator, "web-1", timeline),
+        FakeAgent(operator, "web-2", timeline, behaviour="silent"),
+    ]
     async with fleet(*agents):
         started = time.monotonic()
-        result = await cli("deploy", "mysite", "--wait", "--timeout", "2", "--json",
-                           "--config", str(operator.config))
+        result = await cli(
+            "deploy",
+            "mysite",
+            "--wait",
+            "--timeout",
+            "2",
+            "--json",
+            "--config",
+            str(operator.config),
+        )
     assert result.code == 3, result
     assert outcomes(result) == {"web-1": "succeeded", "web-2": "timed-out"}
     assert time.monotonic() - started < 15
@@ -250,8 +311,9 @@ async def test_no_online_instance_exits_4_without_sending(operator: Operator) ->
     timeline: Timeline = []
     async with fleet(FakeAgent(operator, "web-1", timeline, state="offline")):
         result = await cli("deploy", "mysite", "--wait", "--config", str(operator.config))
-        targeted = await cli("deploy", "mysite", "--targets", "db-layer",
-                             "--config", str(operator.config))
+        targeted = await cli(
+            "deploy", "mysite", "--targets", "db-layer", "--config", str(operator.config)
+        )
     assert result.code == 4, result
     assert "no online instance matches stack" in result.err and "offline: web-1" in result.err
     assert targeted.code == 4 and "no online instance matches db-layer" in targeted.err
@@ -262,8 +324,9 @@ async def test_batches_never_overlap_and_each_gets_its_own_command(operator: Ope
     timeline: Timeline = []
     agents = [FakeAgent(operator, f"web-{n}", timeline) for n in (1, 2, 3, 4)]
     async with fleet(*agents):
-        result = await cli("deploy", "mysite", "--batch-size", "2", "--json",
-                           "--config", str(operator.config))
+        result = await cli(
+            "deploy", "mysite", "--batch-size", "2", "--json", "--config", str(operator.config)
+        )
     assert result.code == 0, result
     batches = result.json()["batches"]
     assert [b["instances"] for b in batches] == [["web-1", "web-2"], ["web-3", "web-4"]]
@@ -271,7 +334,8 @@ async def test_batches_never_overlap_and_each_gets_its_own_command(operator: Ope
     first, second = (b["command_id"] for b in batches)
     assert first != second
     last_final_of_first = max(
-        i for i, e in enumerate(timeline) if e[2] == first and e[0] == "final")
+        i for i, e in enumerate(timeline) if e[2] == first and e[0] == "final"
+    )
     first_receipt_of_second = min(i for i, e in enumerate(timeline) if e[2] == second)
     assert last_final_of_first < first_receipt_of_second
     assert {e[1] for e in timeline if e[2] == second} == {"web-3", "web-4"}
@@ -279,20 +343,24 @@ async def test_batches_never_overlap_and_each_gets_its_own_command(operator: Ope
 
 async def test_serial_rollout_stops_after_max_failures(operator: Operator) -> None:
     timeline: Timeline = []
-    agents = [FakeAgent(operator, "web-1", timeline),
-              FakeAgent(operator, "web-2", timeline, behaviour="fail"),
-              FakeAgent(operator, "web-3", timeline),
-              FakeAgent(operator, "web-4", timeline)]
+    agents = [
+        FakeAgent(operator, "web-1", timeline),
+        FakeAgent(operator, "web-2", timeline, behaviour="fail"),
+        FakeAgent(operator, "web-3", timeline),
+        FakeAgent(operator, "web-4", timeline),
+    ]
     async with fleet(*agents):
-        result = await cli("deploy", "mysite", "--serial", "--max-failures", "0",
-                           "--config", str(operator.config))
+        result = await cli(
+            "deploy", "mysite", "--serial", "--max-failures", "0", "--config", str(operator.config)
+        )
     assert result.code == 1, result
     assert "batches: 1 ran, 2 ran, 3 skipped, 4 skipped" in result.out
     assert {e[1] for e in timeline} == {"web-1", "web-2"}
 
 
-async def test_untrusted_key_is_rejected_and_the_cli_says_so(operator: Operator,
-                                                             tmp_path: Path) -> None:
+async def test_untrusted_key_is_rejected_and_the_cli_says_so(
+    operator: Operator, tmp_path: Path
+) -> None:
     other = load_public_key(generate_keypair(tmp_path / "someone-else").public_path)
     timeline: Timeline = []
     async with fleet(FakeAgent(operator, "web-1", timeline, trusted=other)):
@@ -305,17 +373,27 @@ async def test_untrusted_key_is_rejected_and_the_cli_says_so(operator: Operator,
 async def test_rollback_wait_follows_the_same_flow(operator: Operator) -> None:
     timeline: Timeline = []
     async with fleet(FakeAgent(operator, "web-1", timeline)):
-        result = await cli("rollback", "mysite", "--to", "20250101T000000Z", "--wait",
-                           "--json", "--config", str(operator.config))
+        result = await cli(
+            "rollback",
+            "mysite",
+            "--to",
+            "20250101T000000Z",
+            "--wait",
+            "--json",
+            "--config",
+            str(operator.config),
+        )
     assert result.code == 0, result
     assert result.json()["kind"] == "rollback" and outcomes(result) == {"web-1": "succeeded"}
 
 
 async def test_without_wait_prints_the_command_id_and_exits_0(operator: Operator) -> None:
     timeline: Timeline = []
-    env = cli_env(DEPLOY_AGENT_BROKER=f"mqtt://127.0.0.1:{operator.port}",
-                  DEPLOY_AGENT_STACK=operator.stack,
-                  DEPLOY_AGENT_KEY=str(operator.config.parent / "operator"))
+    env = cli_env(
+        DEPLOY_AGENT_BROKER=f"mqtt://127.0.0.1:{operator.port}",
+        DEPLOY_AGENT_STACK=operator.stack,
+        DEPLOY_AGENT_KEY=str(operator.config.parent / "operator"),
+    )
     async with fleet(FakeAgent(operator, "web-1", timeline)):
         result = await cli("deploy", "mysite", env=env)
         await asyncio.sleep(0.5)
@@ -325,14 +403,18 @@ async def test_without_wait_prints_the_command_id_and_exits_0(operator: Operator
 
 async def test_broker_down_is_one_clear_line_and_exit_2(operator: Operator) -> None:
     port = free_port()
-    env = cli_env(DEPLOY_AGENT_BROKER=f"mqtt://127.0.0.1:{port}", DEPLOY_AGENT_STACK="demo",
-                  DEPLOY_AGENT_KEY=str(operator.config.parent / "operator"))
+    env = cli_env(
+        DEPLOY_AGENT_BROKER=f"mqtt://127.0.0.1:{port}",
+        DEPLOY_AGENT_STACK="demo",
+        DEPLOY_AGENT_KEY=str(operator.config.parent / "operator"),
+    )
     for args in (["deploy", "mysite", "--wait"], ["status"], ["logs"]):
         result = await cli(*args, env=env)
         assert result.code == 2, result
         assert result.err.strip() == (
             f"deploy-agent: cannot reach the broker at 127.0.0.1:{port}: "
-            "[Errno 111] Connection refused")
+            "[Errno 111] Connection refused"
+        )
 
 
 # --- status, logs, config push ----------------------------------------------------------
@@ -341,18 +423,31 @@ async def test_broker_down_is_one_clear_line_and_exit_2(operator: Operator) -> N
 async def test_status_shows_presence_and_last_result(operator: Operator) -> None:
     timeline: Timeline = []
     agent = FakeAgent(operator, "web-1", timeline)
-    record = StatusRecord(instance="web-1", updated_at=datetime.now(UTC), apps={
-        "mysite": AppStatus(status="failed", release="20250101T000000Z", revision=SHA,
-                            message="buildout exited 1", at=datetime.now(UTC))})
-    async with fleet(agent, FakeAgent(operator, "db-1", timeline, layers=["zeoserver"],
-                                      state="offline")) as (client, _):
+    record = StatusRecord(
+        instance="web-1",
+        updated_at=datetime.now(UTC),
+        apps={
+            "mysite": AppStatus(
+                status="failed",
+                release="20250101T000000Z",
+                revision=SHA,
+                message="buildout exited 1",
+                at=datetime.now(UTC),
+            )
+        },
+    )
+    async with fleet(
+        agent, FakeAgent(operator, "db-1", timeline, layers=["zeoserver"], state="offline")
+    ) as (client, _):
         await client.publish(operator.topics.status("web-1"), encode(record), qos=1, retain=True)
         table = await cli("status", "--config", str(operator.config))
         document = await cli("status", "--json", "--config", str(operator.config))
     assert table.code == 0, table
     web = next(line for line in table.out.splitlines() if line.startswith("web-1"))
-    assert all(word in web for word in ("online", "plone_instances", "mysite", SHA[:10],
-                                        "20250101T000000Z", "failed"))
+    assert all(
+        word in web
+        for word in ("online", "plone_instances", "mysite", SHA[:10], "20250101T000000Z", "failed")
+    )
     assert "offline" in next(line for line in table.out.splitlines() if line.startswith("db-1"))
     instances = document.json()["instances"]
     assert instances["web-1"]["status"]["apps"]["mysite"]["status"] == "failed"
@@ -368,18 +463,25 @@ async def test_logs_prints_what_arrives_filtered_as_json_lines(operator: Operato
     async def chatter(client: aiomqtt.Client, instance: str) -> None:
         while True:
             for level in ("debug", "info", "error"):
-                line = {"event": "buildout.line", "level": level, "app": "mysite",
-                        "timestamp": datetime.now(UTC).isoformat(), "line": "Installing \x1b[31m"}
+                line = {
+                    "event": "buildout.line",
+                    "level": level,
+                    "app": "mysite",
+                    "timestamp": datetime.now(UTC).isoformat(),
+                    "line": "Installing \x1b[31m",
+                }
                 await client.publish(operator.topics.logs(instance), json.dumps(line))
             await asyncio.sleep(0.1)
 
     timeline: Timeline = []
-    async with fleet(FakeAgent(operator, "web-1", timeline),
-                     FakeAgent(operator, "web-2", timeline)) as clients:
+    async with fleet(
+        FakeAgent(operator, "web-1", timeline), FakeAgent(operator, "web-2", timeline)
+    ) as clients:
         tasks = [asyncio.create_task(chatter(c, f"web-{n}")) for n, c in enumerate(clients, 1)]
         started = time.monotonic()
-        result = await cli("logs", "--instance", "web-2", "--level", "info",
-                           "--config", str(operator.config))
+        result = await cli(
+            "logs", "--instance", "web-2", "--level", "info", "--config", str(operator.config)
+        )
         for task in tasks:
             task.cancel()
         await asyncio.wait(tasks)
@@ -391,19 +493,41 @@ async def test_logs_prints_what_arrives_filtered_as_json_lines(operator: Operato
     assert {e["level"] for e in events} == {"info", "error"}
 
 
-def test_config_push_publishes_the_signed_stack_config_retained(operator: Operator,
-                                                                tmp_path: Path) -> None:
+def test_config_push_publishes_the_signed_stack_config_retained(
+    operator: Operator, tmp_path: Path
+) -> None:
     stack_file = tmp_path / "stack.yaml"
-    stack_file.write_text("plone_instances: {per_cpu: 1, restart_delay: 5}\n"
-                          "deploy: {mysite: {environment: {TZ: UTC}}}\n")
-    result = subprocess.run([sys.executable, "-m", "agent.cli", "config", "push", str(stack_file),
-                             "--config", str(operator.config)], capture_output=True, text=True,
-                            env=cli_env(), timeout=60)
+    stack_file.write_text(
+        "plone_instances: {per_cpu: 1, restart_delay: 5}\n"
+        "deploy: {mysite: {environment: {TZ: UTC}}}\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "config",
+            "push",
+            str(stack_file),
+            "--config",
+            str(operator.config),
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+    )
     assert result.returncode == 0, result
     message = retained(operator.port, operator.topics.config)
     signed = parse_message(SignedConfig, message.payload)
-    verify_config(signed, [operator.trusted], require_signatures=True, max_clock_skew=300,
-                  now=datetime.now(UTC), stack=operator.stack)
+    verify_config(
+        signed,
+        [operator.trusted],
+        require_signatures=True,
+        max_clock_skew=300,
+        now=datetime.now(UTC),
+        stack=operator.stack,
+    )
     assert signed.payload["plone_instances"] == {"per_cpu": 1, "restart_delay": 5}
     assert signed.issued_by == "ci@test"
 
@@ -411,8 +535,21 @@ def test_config_push_publishes_the_signed_stack_config_retained(operator: Operat
 def test_config_push_refuses_an_invalid_stack_config(operator: Operator, tmp_path: Path) -> None:
     stack_file = tmp_path / "stack.yaml"
     stack_file.write_text("plone_instances: {per_cpu: lots}\n")
-    result = subprocess.run([sys.executable, "-m", "agent.cli", "config", "push", str(stack_file),
-                             "--config", str(operator.config)], capture_output=True, text=True,
-                            env=cli_env(), timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "config",
+            "push",
+            str(stack_file),
+            "--config",
+            str(operator.config),
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "stack_config.plone_instances.per_cpu" in result.stderr

@@ -34,23 +34,47 @@ def operator(broker, tmp_path: Path) -> Operator:
 
 def cli(broker, key: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOY_AGENT_")}
-    env.update(DEPLOY_AGENT_BROKER=f"mqtt://127.0.0.1:{broker.port}", DEPLOY_AGENT_STACK="test",
-               DEPLOY_AGENT_KEY=str(key))
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env=env)
+    env.update(
+        DEPLOY_AGENT_BROKER=f"mqtt://127.0.0.1:{broker.port}",
+        DEPLOY_AGENT_STACK="test",
+        DEPLOY_AGENT_KEY=str(key),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
 
 
-def fleet(tmp_path: Path, broker, repo: SiteRepo, operator: Operator,
-          **web2_overrides) -> tuple[AgentProcess, AgentProcess]:
-    web1 = AgentProcess.create(tmp_path / "web-1", "web-1", port=broker.port, repo=repo,
-                               operator=operator, address="127.0.0.2")
-    web2 = AgentProcess.create(tmp_path / "web-2", "web-2", port=broker.port, repo=repo,
-                               operator=operator, address="127.0.0.3", **web2_overrides)
+def fleet(
+    tmp_path: Path, broker, repo: SiteRepo, operator: Operator, **web2_overrides
+) -> tuple[AgentProcess, AgentProcess]:
+    web1 = AgentProcess.create(
+        tmp_path / "web-1",
+        "web-1",
+        port=broker.port,
+        repo=repo,
+        operator=operator,
+        address="127.0.0.2",
+    )
+    web2 = AgentProcess.create(
+        tmp_path / "web-2",
+        "web-2",
+        port=broker.port,
+        repo=repo,
+        operator=operator,
+        address="127.0.0.3",
+        **web2_overrides,
+    )
     return web1, web2
 
 
 def test_deploy_wait_exits_0_with_a_summary_then_status_and_logs_show_the_fleet(
-        tmp_path, broker, operator, site_repo):
+    tmp_path, broker, operator, site_repo
+):
     with running_agents(*fleet(tmp_path, broker, site_repo, operator)):
         result = cli(broker, operator.key_path, "deploy", APP, "--wait", "--json")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -70,8 +94,11 @@ def test_deploy_wait_exits_0_with_a_summary_then_status_and_logs_show_the_fleet(
 
 
 def test_one_failed_instance_exits_1_and_names_it(tmp_path, broker, operator, site_repo):
-    broken = {"apps.zeo-site.buildout": {
-        "command": [sys.executable, "-c", "raise SystemExit('buildout broke')"]}}
+    broken = {
+        "apps.zeo-site.buildout": {
+            "command": [sys.executable, "-c", "raise SystemExit('buildout broke')"]
+        }
+    }
     with running_agents(*fleet(tmp_path, broker, site_repo, operator, **broken)):
         result = cli(broker, operator.key_path, "deploy", APP, "--wait", "--json")
         assert result.returncode == 1, result.stdout + result.stderr
@@ -81,15 +108,17 @@ def test_one_failed_instance_exits_1_and_names_it(tmp_path, broker, operator, si
         assert "buildout" in outcomes["web-2"]["message"]
 
 
-def test_an_instance_that_does_not_answer_times_out_with_exit_3(tmp_path, broker, operator,
-                                                                 site_repo):
+def test_an_instance_that_does_not_answer_times_out_with_exit_3(
+    tmp_path, broker, operator, site_repo
+):
     web1, web2 = fleet(tmp_path, broker, site_repo, operator)
     with running_agents(web1, web2):
         assert web2.process is not None
         web2.process.send_signal(signal.SIGSTOP)  # alive, retained online, silent
         try:
-            result = cli(broker, operator.key_path, "deploy", APP, "--wait", "--json",
-                         "--timeout", "25")
+            result = cli(
+                broker, operator.key_path, "deploy", APP, "--wait", "--json", "--timeout", "25"
+            )
         finally:
             web2.process.send_signal(signal.SIGCONT)
         assert result.returncode == 3, result.stdout + result.stderr
@@ -99,27 +128,34 @@ def test_an_instance_that_does_not_answer_times_out_with_exit_3(tmp_path, broker
 
 def test_no_targeted_instance_exits_4(tmp_path, broker, operator, site_repo):
     with running_agents(*fleet(tmp_path, broker, site_repo, operator)):
-        result = cli(broker, operator.key_path, "deploy", APP, "--wait",
-                     "--targets", "no-such-instance")
+        result = cli(
+            broker, operator.key_path, "deploy", APP, "--wait", "--targets", "no-such-instance"
+        )
         assert result.returncode == 4, result.stdout + result.stderr
 
 
 def test_batches_roll_one_instance_at_a_time(tmp_path, broker, operator, site_repo):
-    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, \
-            running_agents(*fleet(tmp_path, broker, site_repo, operator)):
+    with (
+        Collector(broker.port, ["deploy-agent/test/events/+"]) as seen,
+        running_agents(*fleet(tmp_path, broker, site_repo, operator)),
+    ):
         result = cli(broker, operator.key_path, "deploy", APP, "--batch-size", "1", "--json")
         assert result.returncode == 0, result.stdout + result.stderr
         report = json.loads(result.stdout)
         assert len(report["batches"]) == 2 and len(report["command_ids"]) == 2
-        final = {e.instance: e.at for e in events(seen) if e.phase == "result"
-                 and e.command_id is not None}
+        final = {
+            e.instance: e.at
+            for e in events(seen)
+            if e.phase == "result" and e.command_id is not None
+        }
         started = {e.instance: e.at for e in events(seen) if e.phase == "received"}
         first, second = sorted(final, key=final.get)
         assert started[second] > final[first]  # batch 2 began after batch 1 ended
 
 
 def test_a_command_signed_by_an_untrusted_key_is_rejected_and_the_cli_says_so(
-        tmp_path, broker, operator, site_repo):
+    tmp_path, broker, operator, site_repo
+):
     stranger = Operator.create(broker.port, tmp_path / "stranger")
     with running_agents(*fleet(tmp_path, broker, site_repo, operator)):
         result = cli(broker, stranger.key_path, "deploy", APP, "--wait")

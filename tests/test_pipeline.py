@@ -242,8 +242,12 @@ def test_sigkill_during_buildout_leaves_current_on_the_previous_release(tmp_path
 
 def test_cli_exit_status_is_non_zero_when_buildout_fails(tmp_path, site_repo):
     write_config(tmp_path, site_repo)
-    site_repo.commit({"cfg/base.cfg": (site_repo.work / "cfg/base.cfg").read_text()
-                      + "\n[client1]\nrecipe = nope\n"})
+    site_repo.commit(
+        {
+            "cfg/base.cfg": (site_repo.work / "cfg/base.cfg").read_text()
+            + "\n[client1]\nrecipe = nope\n"
+        }
+    )
     result = subprocess.run(
         [
             sys.executable,

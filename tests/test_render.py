@@ -233,10 +233,17 @@ def test_arbitrary_stack_values_never_add_sections_or_options(extra):
 
 def test_a_zeoserver_only_instance_gets_no_client_sections():
     settings = stack_settings({})
-    cfg = parse(render_deploy_cfg(make_input(
-        {}, layers=("zeoserver",),
-        layout=client_layout(settings.plone_instances, cpu_count=4, memory_mb=1,
-                             layers=["zeoserver"]))))
+    cfg = parse(
+        render_deploy_cfg(
+            make_input(
+                {},
+                layers=("zeoserver",),
+                layout=client_layout(
+                    settings.plone_instances, cpu_count=4, memory_mb=1, layers=["zeoserver"]
+                ),
+            )
+        )
+    )
     assert not cfg.has_section("client1")
     assert "parts +" not in cfg["buildout"]
     assert cfg["deploy"]["client_count"] == "0"

@@ -29,13 +29,15 @@ CLIENTS = 3
 
 
 def pipeline(config: AgentConfig) -> Pipeline:
-    return Pipeline(config, restarter=restarter_for(config),
-                    facts=HostFacts(cpu_count=2, memory_mb=4096))
+    return Pipeline(
+        config, restarter=restarter_for(config), facts=HostFacts(cpu_count=2, memory_mb=4096)
+    )
 
 
 def haproxy_config(bind_port: int, ports: list[int]) -> str:
-    servers = "\n".join(f"    server client{n} 127.0.0.1:{port} check"
-                        for n, port in enumerate(ports, start=1))
+    servers = "\n".join(
+        f"    server client{n} 127.0.0.1:{port} check" for n, port in enumerate(ports, start=1)
+    )
     return f"""global
     maxconn 512
 
@@ -67,8 +69,9 @@ def running_haproxy(directory: Path, ports: list[int]) -> Iterator[str]:
     cfg = directory / "haproxy.cfg"
     cfg.write_text(haproxy_config(bind, ports))
     subprocess.run([binary, "-c", "-q", "-f", str(cfg)], check=True)
-    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{bind}/"
     try:
         wait_for(url, timeout=15)
@@ -140,8 +143,7 @@ def site(tmp_path: Path, site_repo: SiteRepo) -> Iterator[tuple[AgentConfig, Sit
     require_binary("haproxy")
     include = f"{tmp_path}/srv/{APP}/current/etc/supervisor/*.conf"
     with running_supervisord(tmp_path / "sv", include=[include]) as sv:
-        config = write_config(tmp_path, site_repo, clients=CLIENTS,
-                              supervisor={"url": sv.url})
+        config = write_config(tmp_path, site_repo, clients=CLIENTS, supervisor={"url": sv.url})
         yield config, site_repo, tmp_path
 
 
@@ -167,9 +169,19 @@ async def test_rolling_restart_behind_haproxy_loses_no_request_and_all_at_once_d
         assert rolling.failed == 0, rolling.results
         assert get(url).split()[1] == "version=2"
 
-        everything = config.model_copy(update={"apps": {APP: config.apps[APP].model_copy(
-            update={"restart": config.apps[APP].restart.model_copy(
-                update={"strategy": "all"})})}})
+        everything = config.model_copy(
+            update={
+                "apps": {
+                    APP: config.apps[APP].model_copy(
+                        update={
+                            "restart": config.apps[APP].restart.model_copy(
+                                update={"strategy": "all"}
+                            )
+                        }
+                    )
+                }
+            }
+        )
         repo.commit({"VERSION": "3\n"})
         with Load(url) as at_once:
             outcome = await pipeline(everything).deploy(APP)
@@ -188,13 +200,20 @@ async def test_unhealthy_client_halts_the_roll_and_rollback_restores_the_previou
     ports = client_ports(config)
     pids_before = {port: get(f"http://127.0.0.1:{port}/").split()[3] for port in ports}
     app_py = repo.work / "src/zeosite/zeosite/app.py"
-    repo.commit({"VERSION": "2\n",
-                 "src/zeosite/zeosite/app.py": app_py.read_text().replace(
-                     "if healthy(db):", "if False:")})
+    repo.commit(
+        {
+            "VERSION": "2\n",
+            "src/zeosite/zeosite/app.py": app_py.read_text().replace(
+                "if healthy(db):", "if False:"
+            ),
+        }
+    )
     settings = config.apps[APP].restart.model_copy(
-        update={"on_failure": "rollback", "health_timeout": 8})
-    rolling_back = config.model_copy(update={"apps": {APP: config.apps[APP].model_copy(
-        update={"restart": settings})}})
+        update={"on_failure": "rollback", "health_timeout": 8}
+    )
+    rolling_back = config.model_copy(
+        update={"apps": {APP: config.apps[APP].model_copy(update={"restart": settings})}}
+    )
     outcome = await pipeline(rolling_back).deploy(APP)
     assert outcome.status == "failed" and outcome.error == "restart-halted"
     assert "client1" in outcome.message and "rolled back" in outcome.message
@@ -211,11 +230,13 @@ async def test_halt_without_rollback_leaves_the_rest_serving_the_old_code(site):
     await pipeline(config).deploy(APP)
     ports = client_ports(config)
     app_py = repo.work / "src/zeosite/zeosite/app.py"
-    repo.commit({"src/zeosite/zeosite/app.py": app_py.read_text().replace(
-        "if healthy(db):", "if False:")})
+    repo.commit(
+        {"src/zeosite/zeosite/app.py": app_py.read_text().replace("if healthy(db):", "if False:")}
+    )
     settings = config.apps[APP].restart.model_copy(update={"health_timeout": 8})
-    halting = config.model_copy(update={"apps": {APP: config.apps[APP].model_copy(
-        update={"restart": settings})}})
+    halting = config.model_copy(
+        update={"apps": {APP: config.apps[APP].model_copy(update={"restart": settings})}}
+    )
     outcome = await pipeline(halting).deploy(APP)
     assert outcome.status == "failed" and outcome.error == "restart-halted"
     assert "client1" in outcome.message
@@ -225,8 +246,9 @@ async def test_halt_without_rollback_leaves_the_rest_serving_the_old_code(site):
 
 def with_clients(config: AgentConfig, count: int) -> AgentConfig:
     plone = {**config.stack_config["plone_instances"], "instance_count": count}
-    return config.model_copy(update={"stack_config": {**config.stack_config,
-                                                      "plone_instances": plone}})
+    return config.model_copy(
+        update={"stack_config": {**config.stack_config, "plone_instances": plone}}
+    )
 
 
 async def test_a_new_client_count_adds_and_removes_programs_one_at_a_time(site):
