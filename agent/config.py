@@ -7,6 +7,8 @@ Relative paths are resolved against the directory of the configuration file.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import socket
 from pathlib import Path, PurePosixPath
@@ -27,7 +29,13 @@ from agent.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+#: A host name or an IPv4/IPv6 address: what a presence message may carry.
+Address = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.:%_-]{1,253}$")]
 Argv = Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)]
+#: The stack configuration travels as one MQTT payload (64 KiB); leave room for the envelope.
+MAX_STACK_CONFIG = 60 * 1024
+MAX_STACK_CONFIG_NODES = 20_000
+MAX_STACK_CONFIG_DEPTH = 32
 DEFAULT_SHARED_DIRS = ("var/filestorage", "var/blobstorage", "var/log")
 
 
@@ -52,7 +60,7 @@ def _primary_address() -> str:
 
 class InstanceConfig(Model):
     id: Name = Field(default_factory=_default_instance_id)
-    address: str = Field(default_factory=_primary_address)
+    address: Address = Field(default_factory=_primary_address)
     layers: list[Name] = Field(default_factory=list)
 
 
@@ -193,7 +201,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
     def fix(value: Any) -> Any:
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            return str((base / value).resolve())
+            try:
+                return str((base / value).resolve())
+            except (ValueError, OSError):
+                return value  # NUL and the like: the model refuses it with its key path
         return value
 
     for section, key in PATH_KEYS:
@@ -207,7 +218,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for key in ("ca", "cert", "key"):
             if key in tls:
                 tls[key] = fix(tls[key])
-    for template in data.get("templates") or []:
+    templates = data.get("templates")
+    for template in templates if isinstance(templates, list) else []:
         if isinstance(template, dict):
             for key in ("source", "destination"):
                 if key in template:
@@ -229,12 +241,43 @@ def parse_config(data: Any, *, source: str = "<config>", base: Path | None = Non
     """Validate already-loaded YAML data; every problem is reported with its key path."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the configuration must be a mapping of keys")
+    _check_plain_data(data.get("stack_config", {}), source)
     if base is not None:
         _resolve_paths(data, base)
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: invalid configuration", _describe(exc)) from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{source}: invalid configuration: {str(exc)[:200]}") from None
+
+
+def _check_plain_data(value: Any, source: str) -> None:
+    """stack_config is rendered into deploy.cfg and published as JSON: it must be finite
+    plain data. A YAML alias cycle or a billion-laughs expansion is not, and a bounded
+    walk finds out without expanding it."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if seen > MAX_STACK_CONFIG_NODES or depth > MAX_STACK_CONFIG_DEPTH:
+            raise ConfigError(
+                f"{source}: stack_config is too large or refers to itself "
+                f"(more than {MAX_STACK_CONFIG_NODES} values or "
+                f"{MAX_STACK_CONFIG_DEPTH} levels)"
+            )
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{source}: stack_config holds {item}, not a finite number")
+    if len(json.dumps(value, default=str)) > MAX_STACK_CONFIG:
+        raise ConfigError(
+            f"{source}: stack_config is over {MAX_STACK_CONFIG} bytes as JSON "
+            "(it must fit in one broker message)"
+        )
 
 
 def load_config(path: Path | str) -> AgentConfig:
@@ -244,10 +287,14 @@ def load_config(path: Path | str) -> AgentConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not usable YAML: {str(exc)[:200]}") from exc
     return parse_config(data, source=str(path), base=path.resolve().parent)
 
 

@@ -335,10 +335,21 @@ class Daemon:
         except AgentError as exc:
             log.error("stack_config.rejected", reason=str(exc))
             return
+        state = self.store.load()
+        applied = state.config_issued_at
+        if applied and signed.issued_at.isoformat() < applied:
+            log.error(
+                "stack_config.rejected",
+                issued_at=signed.issued_at.isoformat(),
+                reason=f"older than the configuration applied ({applied}): a replay?",
+            )
+            return
         if signed.payload == self.stack_config:
             return
         log.info("stack_config.changed", issued_by=signed.issued_by)
         self.stack_config = dict(signed.payload)
+        state.config_issued_at = signed.issued_at.isoformat()
+        self.store.save(state)
         self.reconfigure.trigger()
 
     async def enqueue_configure(self) -> None:
@@ -379,9 +390,24 @@ class Daemon:
                     },
                 )
             notify(f"STATUS=running {work.run_as}")
-            outcomes = await self.run(work)
+            try:
+                outcomes = await self.run(work)
+            except Exception as exc:  # a bug must cost one command, never the agent
+                log.exception("command.crashed", run_as=work.run_as)
+                outcomes = [
+                    Outcome(
+                        kind=work.run_as,
+                        app=command.app if command and command.app else "agent",
+                        status="failed",
+                        message=f"internal error: {type(exc).__name__}: {exc}"[:2000],
+                        error="internal-error",
+                    )
+                ]
             self.report(command, outcomes, work.run_as)
-            await self.announce()
+            try:
+                await self.announce()
+            except Exception:
+                log.exception("presence.failed")
             if command_id:
                 state = self.store.load()
                 state.remember(command_id)

@@ -12,6 +12,8 @@ from typing import Literal
 
 from agent.stackconfig import PloneInstances
 
+#: The most ZEO clients one instance runs, whatever the CPU count says.
+MAX_CLIENTS = 256
 Decision = Literal["new-revision", "config-changed", "always-buildout", "unchanged"]
 
 
@@ -55,7 +57,7 @@ def client_count(settings: PloneInstances, *, cpu_count: int, memory_mb: int) ->
     ``client_memory_mb`` is set."""
     if settings.instance_count is not None:
         return settings.instance_count
-    count = max(1, math.ceil(cpu_count * settings.per_cpu))
+    count = min(MAX_CLIENTS, max(1, math.ceil(cpu_count * settings.per_cpu)))
     if settings.client_memory_mb:
         count = min(count, max(1, memory_mb // settings.client_memory_mb))
     return count

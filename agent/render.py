@@ -58,7 +58,7 @@ def scalar(value: object, *, what: str) -> str:
 
 
 def option(name: str, value: object, *, what: str) -> str:
-    if not OPTION_NAME.match(name):
+    if not OPTION_NAME.fullmatch(name):
         raise RenderError(f"{what}: {name!r} is not a valid buildout option name")
     return f"{name} = {scalar(value, what=f'{what}.{name}')}"
 
@@ -143,7 +143,7 @@ def environment(inp: RenderInput) -> dict[str, str]:
     env = {"PYTHON_EGG_CACHE": str(inp.app_root / "shared" / "eggs")}
     env.update(inp.settings.app(inp.app).environment)
     for name in env:
-        if not ENV_NAME.match(name):
+        if not ENV_NAME.fullmatch(name):
             raise RenderError(f"deploy.{inp.app}.environment: {name!r} is not a variable name")
     return env
 
@@ -227,7 +227,7 @@ def stack_config_section(inp: RenderInput) -> str:
     lines = []
     for name, value in flatten(inp.stack_config):
         if isinstance(value, str) and "\n" in value:
-            if not OPTION_NAME.match(name):
+            if not OPTION_NAME.fullmatch(name):
                 raise RenderError(f"stack_config: {name!r} is not a valid buildout option name")
             # Indented continuation lines can never open a section or an option.
             body = [f"    {line.rstrip()}".replace("$", "$$") for line in value.splitlines()]

@@ -34,6 +34,17 @@ class SupervisorRestarter:
         restart_delay: float,
         only: list[str] | None = None,
     ) -> dict[str, Any]:
+        if layout.count == 0 and not only:
+            # No ZEO clients here (a database server): apply supervisord's configuration
+            # as `supervisorctl update` would, so a new ZEO server program starts.
+            diff = await self.client().update()
+            return {
+                "programs": [],
+                "added": diff.added,
+                "changed": diff.changed,
+                "removed": diff.removed,
+                "seconds": 0.0,
+            }
         plan = RestartPlan(
             programs=only or config.restart.programs,
             strategy=config.restart.strategy,

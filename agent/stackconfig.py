@@ -31,7 +31,7 @@ class BrokerSettings(Loose):
 
 class PloneInstances(Loose):
     base_config: str = "cfg/base.cfg"
-    per_cpu: float = Field(default=2, gt=0)
+    per_cpu: float = Field(default=2, gt=0, le=64)
     instance_count: int | None = Field(default=None, ge=1, le=256)
     client_memory_mb: int | None = Field(default=None, ge=1)
     base_port: int = Field(default=8080, ge=1, le=65000)

@@ -60,6 +60,9 @@ class AppState:
 class AgentState:
     apps: dict[str, AppState] = field(default_factory=dict)
     processed: list[str] = field(default_factory=list)
+    #: issued_at of the last stack configuration applied from the broker: an older one
+    #: replayed later is refused.
+    config_issued_at: str | None = None
 
     def remember(self, command_id: str) -> None:
         """Keep the most recent ids only: enough to refuse replays within the skew window."""
@@ -84,12 +87,17 @@ class StateStore:
         except (OSError, ValueError) as exc:
             raise StateError(f"cannot read state file {self.path}: {exc}") from exc
         apps = {name: AppState(**value) for name, value in raw.get("apps", {}).items()}
-        return AgentState(apps=apps, processed=list(raw.get("processed", [])))
+        return AgentState(
+            apps=apps,
+            processed=list(raw.get("processed", [])),
+            config_issued_at=raw.get("config_issued_at"),
+        )
 
     def save(self, state: AgentState) -> None:
         data = {
             "apps": {k: asdict(v) for k, v in sorted(state.apps.items())},
             "processed": state.processed,
+            "config_issued_at": state.config_issued_at,
         }
         try:
             atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True).encode())

@@ -226,7 +226,10 @@ class Supervisor(_Recipe):
         current = opts.get("current", "") or str(self.root)
         # Lower priority starts first and stops last: clients stop before their server.
         programs = [(name, CLIENT_PRIORITY) for name in opts.get("programs", "").split()]
-        if opts.get("zeoserver", "true").strip().lower() in TRUE:
+        wanted = opts.get("zeoserver", "auto").strip().lower()
+        if wanted == "auto":
+            wanted = "true" if "zeoserver" in opts.get("layers", "zeoserver").split() else "false"
+        if wanted in TRUE:
             programs.insert(0, ("zeoserver", ZEOSERVER_PRIORITY))
         ensure_dir(self.root / "var" / "log")
         text = "".join(program(name, current, priority) for name, priority in programs)
