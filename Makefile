@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := git mosquitto haproxy
 
-.PHONY: system venv demo test lint bench clean
+.PHONY: system venv demo fleet-demo fleet-demo-stop test lint bench clean
 
 # System packages (git, Mosquitto, HAProxy) when something is missing; needs root or sudo.
 system:
@@ -30,6 +30,12 @@ venv: system $(BIN)/deploy-agent
 demo: venv
 	$(BIN)/python examples/demo.py
 
+fleet-demo: venv
+	$(BIN)/python examples/fleet_demo.py
+
+fleet-demo-stop: venv
+	$(BIN)/python examples/fleet_demo.py --stop
+
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -44,4 +50,4 @@ bench: venv
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .demo build *.egg-info
+	rm -rf $(VENV) .demo .demo-fleet build *.egg-info
