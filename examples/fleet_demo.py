@@ -32,14 +32,27 @@ INSTANCES = {"db-1": ["zeoserver"], "web-1": ["plone_instances"], "web-2": ["plo
 def stop() -> None:
     """Stop whatever a previous run left (agents first, so they publish offline)."""
     pids = FLEET / "pids"
+    alive = []
     if pids.exists():
         for line in reversed(pids.read_text().split()):
             try:
                 os.killpg(int(line), signal.SIGTERM)
+                alive.append(int(line))
             except (ProcessLookupError, ValueError, PermissionError):
                 continue
-        time.sleep(3)
+    deadline = time.monotonic() + 20
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if running(pid)]
     shutil.rmtree(FLEET, ignore_errors=True)
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def spawn(argv: list[str], log: Path) -> None:
