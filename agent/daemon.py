@@ -57,6 +57,7 @@ class Work:
     run_as: str
     command: Command | None = None
     reason: str = ""
+    app: str | None = None  # for recovery work, which has no command
 
 
 class Daemon:
@@ -376,7 +377,7 @@ class Daemon:
     async def execute(self, work: Work) -> None:
         command = work.command
         command_id = str(command.id) if command else None
-        if work.command is None:
+        if work.command is None and work.run_as == "configure":
             self.configure_queued = False
         with bound_contextvars(command_id=command_id, instance=self.config.instance.id):
             if command is not None:
@@ -387,6 +388,7 @@ class Daemon:
                         "state": "running",
                         "run_as": work.run_as,
                         "command": json.loads(encode(command)),
+                        "release_before": self.live_release(command.app),
                     },
                 )
             notify(f"STATUS=running {work.run_as}")
@@ -420,6 +422,10 @@ class Daemon:
         pipe = self.pipeline(command)
         if work.run_as == "configure":
             return await self.configure_all(pipe)
+        if command is None and work.app is not None:  # repair after a crash
+            if work.run_as == "heal":
+                return [await pipe.heal(work.app)]
+            return [await pipe.restart(work.app)]
         assert command is not None and command.app is not None
         if command.kind == "deploy":
             return [
@@ -484,7 +490,7 @@ class Daemon:
             status=status,
             message=message,
             details=details,
-            kind=run_as if command is None else None,
+            kind=("restart" if run_as == "heal" else run_as) if command is None else None,
         )
         for outcome in outcomes:
             # A reconfigure that changed nothing is not news: keep the last real result.
@@ -525,11 +531,29 @@ class Daemon:
                 message="the agent stopped while this command was running; "
                 "current was left on a complete release",
             )
+            self.queue_repair(command.app, entry.get("release_before"))
             state = self.store.load()
             state.remember(command_id)
             self.store.save(state)
             self.store.finish(command_id)
         self.check_releases()
+
+    def live_release(self, app: str | None) -> str | None:
+        if app is None or app not in self.config.apps:
+            return None
+        info = announce.app_presence(self.config, app)
+        return info.release if info else None
+
+    def queue_repair(self, app: str | None, release_before: str | None) -> None:
+        """After a crash mid-command, the clients must run what ``current`` holds: if
+        ``current`` moved, finish the roll (a rolling restart of every client); if not,
+        start again whatever the crash left stopped."""
+        if app is None or self.config.supervisor is None or not self.config.carries(app):
+            return
+        moved = self.live_release(app) != release_before
+        reason = "current moved: finish the rolling restart" if moved else "restart stopped clients"
+        log.warning("journal.repair", app=app, reason=reason)
+        self.queue.put_nowait(Work("restart" if moved else "heal", None, reason, app=app))
 
     def check_releases(self) -> None:
         for app, cfg in sorted(self.config.apps.items()):

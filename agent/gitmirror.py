@@ -93,7 +93,10 @@ class GitMirror:
     def _git_ok(self, what: str, args: list[str], **kwargs: Any) -> str:
         status, out, err = self._git(args, **kwargs)
         if status != 0:
-            tail = " | ".join(err.strip().splitlines()[-3:]) or f"exit status {status}"
+            lines = err.strip().splitlines()
+            # git's own "fatal:"/"error:" lines say what went wrong; keep them.
+            causes = [line for line in lines if line.startswith(("fatal:", "error:"))]
+            tail = " | ".join(dict.fromkeys([*causes[:2], *lines[-3:]])) or f"exit status {status}"
             raise GitError(f"{what} failed for {redact_url(self.repository)}: {tail}")
         return out
 
@@ -101,6 +104,7 @@ class GitMirror:
         """Bring the mirror up to date: created once, then only fetched, never re-cloned."""
         started = time.monotonic()
         if self.path.is_dir():
+            self._remove_stale_locks()
             # --git-dir everywhere: a damaged mirror must not let git find a repo above it.
             self._git_ok(
                 "git config", [self._dir, "config", "--", "remote.origin.url", self.repository]
@@ -117,6 +121,28 @@ class GitMirror:
             repository=redact_url(self.repository),
             seconds=round(time.monotonic() - started, 3),
         )
+
+    def _remove_stale_locks(self) -> None:
+        """A git killed mid-fetch leaves ``*.lock`` files that fail every later fetch. The
+        caller holds the app's exclusive lock, so no git of ours is running: they are stale."""
+        candidates = [
+            self.path / name
+            for name in (
+                "config.lock",
+                "HEAD.lock",
+                "packed-refs.lock",
+                "shallow.lock",
+                "index.lock",
+                "FETCH_HEAD.lock",
+            )
+        ]
+        refs = self.path / "refs"
+        if refs.is_dir():
+            candidates += refs.rglob("*.lock")
+        for lock in candidates:
+            if lock.is_file() and not lock.is_symlink():
+                lock.unlink()
+                log.warning("releases.stale_git_lock_removed", lock=str(lock))
 
     def _create_mirror(self) -> None:
         """Clone under a temporary name and rename, so a crash never leaves half a mirror."""
@@ -172,7 +198,9 @@ class GitMirror:
             raise GitError(f"checkout needs a full sha, not {sha!r}")
         self._git_ok(
             "git clone (release)",
-            ["clone", "--local", "--no-checkout", "--quiet", "--", str(self.path), str(dest)],
+            # A path clones locally anyway (hard links where it can); an explicit --local
+            # would refuse to copy across filesystems instead of falling back.
+            ["clone", "--no-checkout", "--quiet", "--", str(self.path), str(dest)],
         )
         # Explicit dirs: an inherited GIT_DIR must not redirect the checkout.
         dirs = [f"--git-dir={dest / '.git'}", f"--work-tree={dest}"]

@@ -70,6 +70,8 @@ class Restarter(Protocol):
         only: list[str] | None = None,
     ) -> dict[str, Any]: ...
 
+    async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]: ...
+
 
 @dataclass(frozen=True)
 class HostFacts:
@@ -207,6 +209,10 @@ class Pipeline:
 
     async def restart(self, app: str, *, restart_delay: float | None = None) -> Outcome:
         return await self._run("restart", app, lambda: self._restart(app, restart_delay))
+
+    async def heal(self, app: str) -> Outcome:
+        """Start again the app's programs that are not running (after a crash mid-roll)."""
+        return await self._run("restart", app, lambda: self._heal(app))
 
     async def _run(self, kind: str, app: str, body: Callable[[], Awaitable[Outcome]]) -> Outcome:
         """Every command ends in one Outcome and one summary event, even when it fails."""
@@ -383,6 +389,9 @@ class Pipeline:
             )
             outcome.message += f"; rolled back to {previous.name}"
             outcome.release, outcome.revision = previous.name, previous.sha
+        except AgentError as exc:  # supervisord unreachable, say: the switch stands
+            outcome.status, outcome.error = "failed", exc.code
+            outcome.message = f"release {outcome.release} is live but the restart failed: {exc}"
 
     async def restart_clients(
         self, app: str, restart_delay: float | None, only: list[str] | None = None
@@ -446,6 +455,35 @@ class Pipeline:
         )
         outcome.details["restart"] = await self.restart_clients(app, restart_delay)
         return outcome
+
+    async def _heal(self, app: str) -> Outcome:
+        current = self.manager(app).current()
+        if self.restarter is None or current is None:
+            return Outcome(
+                kind="restart", app=app, status="unchanged", message="nothing to start again"
+            )
+        settings = self.settings()
+        started = await self.restarter.heal(
+            app=app, config=self.config.app(app), layout=self.layout(settings)
+        )
+        if not started:
+            return Outcome(
+                kind="restart",
+                app=app,
+                status="unchanged",
+                revision=current.sha,
+                release=current.name,
+                message="every program was running",
+            )
+        return Outcome(
+            kind="restart",
+            app=app,
+            status="succeeded",
+            revision=current.sha,
+            release=current.name,
+            message=f"started again: {', '.join(started)}",
+            details={"started": started},
+        )
 
     async def _configure(self, app: str) -> Outcome:
         """Re-render deploy.cfg for the live revision; a new release only if it changed."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict
 from typing import Any
 
@@ -59,6 +60,20 @@ class SupervisorRestarter:
             "removed": report.removed,
             "seconds": round(report.seconds, 2),
         }
+
+    async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
+        """Start, health-gated, the app's programs that are not RUNNING; their names."""
+        client = self.client()
+        processes = await client.list_processes()
+        stopped = [
+            p.name
+            for p in processes
+            if any(fnmatch.fnmatchcase(p.name, pattern) for pattern in config.restart.programs)
+            and p.statename != "RUNNING"
+        ]
+        if stopped:
+            await self.restart(app=app, config=config, layout=layout, restart_delay=0, only=stopped)
+        return stopped
 
 
 def restarter_for(config: AgentConfig) -> SupervisorRestarter | None:

@@ -1,0 +1,157 @@
+"""supervisord gone in the middle of a deploy, and a ZEO client that crashes at start during
+the roll, with the example site's real ZEO server and clients under a real supervisord."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from agent_helpers import APP, AgentProcess, Operator, wait_results
+from fault_helpers import Precious, Tally, app_dir, supervisord_again
+from mosquitto_helpers import Collector, running_mosquitto
+from site_helpers import SiteRepo, write_config
+from supervisord_helpers import Supervisord, running_supervisord
+
+from agent.pipeline import HostFacts, Pipeline
+from agent.restart import restarter_for
+
+pytestmark = pytest.mark.slow
+
+
+def states(sv: Supervisord) -> dict[str, str]:
+    return {i["name"]: i["statename"] for i in sv.call("getAllProcessInfo")}
+
+
+def wait_all_running(sv: Supervisord, timeout: float = 30) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while set((found := states(sv)).values()) != {"RUNNING"}:
+        assert time.monotonic() < deadline, f"not all RUNNING: {found}"
+        time.sleep(0.1)
+    return found
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_supervisord_down_mid_deploy_fails_clearly_and_the_next_deploy_succeeds_once_back(
+    tmp_path: Path, site_repo: SiteRepo
+) -> None:
+    tally = Tally("supervisord outages")
+    include = f"{tmp_path}/web-1/srv/{APP}/current/etc/supervisor/*.conf"
+    with (
+        running_mosquitto(tmp_path / "broker") as broker,
+        running_supervisord(tmp_path / "sv", include=[include]) as sv,
+        Collector(broker.port, ["deploy-agent/test/events/+"]) as seen,
+    ):
+        operator = Operator.create(broker.port, tmp_path / "operator")
+        agent = AgentProcess.create(
+            tmp_path / "web-1",
+            "web-1",
+            port=broker.port,
+            repo=site_repo,
+            operator=operator,
+            address="127.0.0.2",
+            layers=["plone_instances", "zeoserver"],
+            clients=1,
+            supervisor={"url": sv.url},
+        )
+        app = app_dir(agent)
+        agent.start()
+        try:
+            agent.wait_logged("mqtt.connected")
+            first = operator.command("deploy")
+            operator.send(first)
+            assert wait_results(seen, first, {"web-1"})["web-1"].status == "succeeded"
+            precious = Precious.write(app)
+            old = (app / "current").resolve().name
+
+            site_repo.commit({"VERSION": "2\n"})
+            second = operator.command("deploy")
+            operator.send(second)
+            agent.wait_logged("pipeline.phase", phase="buildout", status="started")
+            sv.stop()  # `systemctl stop supervisor`: programs stopped, socket gone
+            tally.tried += 1
+            result = wait_results(seen, second, {"web-1"})["web-1"]
+            assert result.status == "failed"
+            assert result.details["error"] == "supervisor-error"
+            assert "supervisord not reachable" in result.message, result.message
+            assert str(sv.socket_path) in result.message
+            # The switch comes before the restart: the new release is live on disk, and
+            # supervisord will start it when it comes back.
+            live = (app / "current").resolve().name
+            assert live != old and (app / "current" / "VERSION").read_text() == "2\n"
+            tally.check(app, precious, agent)
+
+            still = operator.command("deploy")  # the agent keeps serving meanwhile
+            operator.send(still)
+            assert wait_results(seen, still, {"web-1"})["web-1"].status == "unchanged"
+
+            with supervisord_again(sv) as back:
+                wait_all_running(back)
+                again = operator.command("deploy", always_buildout=True)
+                operator.send(again)
+                found = wait_results(seen, again, {"web-1"})["web-1"]
+                assert found.status == "succeeded", found.message
+                assert [p["name"] for p in found.details["restart"]["programs"]] == ["client1"]
+                wait_all_running(back)
+                tally.check(app, precious, agent)
+        finally:
+            agent.stop(timeout=30)
+    print(
+        f"\nsupervisord down mid-deploy: failed with a supervisor-error, current on the new "
+        f"release {live} (was {old})"
+    )
+    tally.report()
+
+
+async def test_a_client_that_crashes_at_start_halts_the_roll_and_the_result_names_it(
+    tmp_path: Path, site_repo: SiteRepo
+) -> None:
+    tally = Tally("client crashes")
+    include = f"{tmp_path}/srv/{APP}/current/etc/supervisor/*.conf"
+    with running_supervisord(tmp_path / "sv", include=[include]) as sv:
+        config = write_config(
+            tmp_path,
+            site_repo,
+            clients=3,
+            supervisor={"url": sv.url},
+            **{"apps.zeo-site.restart.health_timeout": 12},
+        )
+        pipeline = Pipeline(
+            config, restarter=restarter_for(config), facts=HostFacts(cpu_count=2, memory_mb=4096)
+        )
+        first = await pipeline.deploy(APP)
+        assert first.status == "succeeded", first.message
+        app = config.paths.root / APP
+        precious = Precious.write(app)
+        base = config.stack_config["plone_instances"]["base_port"]
+        pid3 = get(f"http://127.0.0.1:{base + 3}/").split()[3]
+        client_py = "src/zeosite/zeosite/client.py"
+        good = (site_repo.work / client_py).read_text()
+        serve = "    return Client(config).serve()"
+        assert serve in good
+        crashing = good.replace(
+            serve, "    if config['name'] == 'client2':\n        return STARTUP_FAILURE\n" + serve
+        )
+        site_repo.commit({"VERSION": "2\n", client_py: crashing})
+        tally.tried += 1
+        outcome = await pipeline.deploy(APP)
+        assert outcome.status == "failed" and outcome.error == "restart-halted", outcome.message
+        assert "client2" in outcome.message and "client1" in outcome.message
+        tally.check(app, precious, None)
+        # client1 runs the new code, client2 is down, client3 was never touched.
+        assert get(f"http://127.0.0.1:{base + 1}/").split()[1] == "version=2"
+        assert states(sv)["client2"] != "RUNNING"
+        assert get(f"http://127.0.0.1:{base + 3}/").split()[1:4:2] == ["version=1", pid3]
+
+        site_repo.commit({client_py: good})
+        fixed = await pipeline.deploy(APP)
+        assert fixed.status == "succeeded", fixed.message
+        wait_all_running(sv)
+        tally.check(app, precious, None)
+    print(f"\nclient2 crashing at start: {outcome.message}")
+    tally.report()
