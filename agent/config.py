@@ -173,6 +173,8 @@ class AgentConfig(Model):
     templates: list[TemplateConfig] = Field(default_factory=list)
     shutdown_grace: float = Field(default=600, ge=0)
     membership_debounce: float = Field(default=2.0, ge=0, le=600)
+    #: A new or rebuilt instance deploys its apps when it starts, as OpsWorks' setup did.
+    first_deploy: bool = True
 
     def app(self, name: str) -> AppConfig:
         """The app called ``name``; a clear error naming the known ones otherwise."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import signal
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,8 @@ class Work:
     run_as: str
     command: Command | None = None
     reason: str = ""
-    app: str | None = None  # for recovery work, which has no command
+    app: str | None = None  # for work of the agent's own: repair, first deploy
+    revision: str | None = None
 
 
 class Daemon:
@@ -364,6 +366,8 @@ class Daemon:
         """One command at a time, in arrival order."""
         await self.session.connected.wait()
         await asyncio.sleep(self.config.membership_debounce)  # let retained presence arrive
+        if self.config.first_deploy:
+            self.queue_first_deploys()
         while not self.should_exit:
             work = await self.queue.get()
             if self.should_exit:
@@ -422,7 +426,9 @@ class Daemon:
         pipe = self.pipeline(command)
         if work.run_as == "configure":
             return await self.configure_all(pipe)
-        if command is None and work.app is not None:  # repair after a crash
+        if command is None and work.app is not None:  # the agent's own work
+            if work.run_as == "deploy":
+                return [await pipe.deploy(work.app, revision=work.revision)]
             if work.run_as == "heal":
                 return [await pipe.heal(work.app)]
             return [await pipe.restart(work.app)]
@@ -554,6 +560,30 @@ class Daemon:
         reason = "current moved: finish the rolling restart" if moved else "restart stopped clients"
         log.warning("journal.repair", app=app, reason=reason)
         self.queue.put_nowait(Work("restart" if moved else "heal", None, reason, app=app))
+
+    def queue_first_deploys(self) -> None:
+        """A new instance (an autoscaling join, a rebuilt server) deploys its apps at once,
+        as OpsWorks' setup did: the revision the rest of the stack runs, else the app's
+        configured branch or revision."""
+        for app in sorted(self.config.apps):
+            if not self.config.carries(app) or self.live_release(app) is not None:
+                continue
+            revision = self.fleet_revision(app)
+            log.info("setup.first_deploy", app=app, revision=revision or "configured")
+            self.queue.put_nowait(
+                Work("deploy", None, "first deploy of this instance", app=app, revision=revision)
+            )
+
+    def fleet_revision(self, app: str) -> str | None:
+        """The revision most online members run for ``app`` (None when nobody runs it)."""
+        counts: Counter[str] = Counter()
+        for presence in self.fleet.presences().values():
+            if presence.instance == self.config.instance.id or presence.state != "online":
+                continue
+            live = presence.apps.get(app)
+            if live is not None and live.revision:
+                counts[live.revision] += 1
+        return counts.most_common(1)[0][0] if counts else None
 
     def check_releases(self) -> None:
         for app, cfg in sorted(self.config.apps.items()):

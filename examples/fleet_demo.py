@@ -119,6 +119,7 @@ def start_supervisord(home: Path) -> str:
 def write_agent_config(
     name: str,
     layers: list[str],
+    first_deploy: bool,
     *,
     port: int,
     bare: Path,
@@ -135,6 +136,9 @@ def write_agent_config(
         "security": {"trusted_keys": [str(FLEET / "operator.pub")]},
         "supervisor": {"url": supervisor},
         "membership_debounce": 1,
+        # The first three wait for the operator's deploy in this demo; web-3 joins later
+        # and deploys by itself, as a new instance would.
+        "first_deploy": first_deploy,
         "apps": {
             APP: {
                 "repository": str(bare),
@@ -195,6 +199,14 @@ def wait_online(port: int, count: int, timeout: float = 60) -> None:
     raise SystemExit("the agents did not come online: see .demo-fleet/*/agent.log")
 
 
+def fetch(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            return str(response.read().decode())
+    except OSError as exc:
+        return str(exc)
+
+
 def show(base_ports: dict[str, int]) -> None:
     for name, base in base_ports.items():
         for n in (1, 2):
@@ -230,20 +242,24 @@ def main() -> None:
     work, bare = make_repository()
     zeo_port = free_port(1) + 1
     base_ports = {name: free_port(2) for name in INSTANCES if name.startswith("web")}
-    for name, layers in INSTANCES.items():
+
+    def start_instance(name: str, layers: list[str], *, first_deploy: bool) -> None:
         home = FLEET / name
         home.mkdir()
-        supervisor = start_supervisord(home)
         config = write_agent_config(
             name,
             layers,
+            first_deploy,
             port=port,
             bare=bare,
             zeo_port=zeo_port,
             base_port=base_ports.get(name, free_port(2)),
-            supervisor=supervisor,
+            supervisor=start_supervisord(home),
         )
         spawn([str(BIN / "deploy-agent"), "run", "-c", str(config)], home / "agent.log")
+
+    for name, layers in INSTANCES.items():
+        start_instance(name, layers, first_deploy=False)
     env_file = FLEET / "env.sh"
     env_file.write_text(
         f"export DEPLOY_AGENT_BROKER=mqtt://127.0.0.1:{port}\n"
@@ -292,6 +308,14 @@ def main() -> None:
             f"  {event.get('timestamp', '')[11:19]} {event.get('instance')} "
             f"{event.get('level')} {event.get('event')} {what}"
         )
+    say("5. a new instance joins (an autoscaling event): web-3 deploys what the stack runs")
+    base_ports["web-3"] = free_port(2)
+    start_instance("web-3", ["plone_instances"], first_deploy=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "version=2" not in fetch(base_ports["web-3"] + 1):
+        time.sleep(1)
+    operator(port, "status")
+    show({"web-3": base_ports["web-3"]})
     print("\nEverything keeps running. Try it yourself:")
     print("  source .demo-fleet/env.sh")
     print("  deploy-agent status; deploy-agent logs -f; deploy-agent deploy zeo-site --wait")

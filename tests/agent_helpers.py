@@ -79,6 +79,7 @@ class AgentProcess:
     ) -> AgentProcess:
         directory.mkdir(parents=True, exist_ok=True)
         overrides.setdefault("membership_debounce", 0.5)
+        overrides.setdefault("first_deploy", False)  # tests deploy by command unless they say
         write_config(
             directory,
             repo,

@@ -22,7 +22,7 @@ from agent_helpers import (
     running_agents,
     wait_results,
 )
-from conftest import require_binary
+from components import require_binary
 from mosquitto_helpers import Collector, retained, running_mosquitto
 from site_helpers import SiteRepo
 
@@ -339,3 +339,20 @@ def test_a_frontend_rewrites_its_haproxy_backends_when_instances_come_and_go(
         )
         assert check.returncode == 0, check.stderr + backends.read_text()
         assert reloads.read_text().count("reload") >= 3
+
+
+def test_a_new_instance_deploys_the_revision_the_stack_runs_when_it_starts(
+    tmp_path, broker, operator, site_repo
+):
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
+    web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3", first_deploy=True)
+    with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, running_agents(web1):
+        command = operator.command("deploy")
+        operator.send(command)
+        deployed = wait_results(seen, command, {"web-1"})["web-1"].details["revision"]
+        site_repo.commit({"VERSION": "2\n"})  # on the branch, but not deployed anywhere
+        with running_agents(web2):
+            found = wait_results(seen, None, {"web-2"}, kind="deploy", timeout=90)
+            assert found["web-2"].status == "succeeded", found["web-2"].message
+            assert found["web-2"].details["revision"] == deployed != site_repo.head()
+            assert presence_of(broker, "web-2").apps[APP].revision == deployed

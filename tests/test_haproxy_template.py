@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_binary
+from components import require_binary
 
 from agent.config import TemplateConfig
 from agent.plan import Member

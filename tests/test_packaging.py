@@ -24,7 +24,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from agent_helpers import STACK, TOPICS, AgentProcess, Operator
-from conftest import require_binary
+from components import require_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec

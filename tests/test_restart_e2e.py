@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
+from components import require_binary
 from site_helpers import SiteRepo, free_port_block, write_config
 from supervisord_helpers import running_supervisord
 
