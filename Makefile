@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The suite waits on real processes (buildout, brokers, supervisord) more than it computes:
+# two workers halve its time on two cores.
+TEST_WORKERS ?= 2
 SYSTEM_PACKAGES := git mosquitto haproxy
 
 .PHONY: system venv demo fleet-demo fleet-demo-stop test lint bench clean
@@ -39,7 +42,7 @@ fleet-demo-stop: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

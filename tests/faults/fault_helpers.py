@@ -32,6 +32,10 @@ from agent.releases import MARKER
 FAULT_RUNS = int(os.environ.get("FAULT_RUNS", "8"))
 
 
+#: The summary line of every fault test run so far, printed again at the end of the run.
+SUMMARIES: list[str] = []
+
+
 class LogFollower:
     """Reads an agent's current log file incrementally, so a kill can follow an event by
     milliseconds (AgentProcess.wait_logged re-reads the whole file every 100 ms)."""
@@ -173,7 +177,9 @@ class Tally:
         )
 
     def report(self) -> None:
-        """Print the summary and fail when any fault did damage."""
+        """Print the summary (again at the end of the run) and fail when any fault did
+        damage."""
+        SUMMARIES.append(self.summary())
         print(f"\n{self.summary()}")
         for note in self.notes:
             print(f"  {note}")
