@@ -12,15 +12,13 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from agent import announce
+from agent import announce, recovery
 from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
 from agent.fleet import Debouncer, Fleet
@@ -41,7 +39,7 @@ from agent.protocol import (
     parse_message,
     verify_config,
 )
-from agent.releases import ReleaseManager
+from agent.recovery import Work
 from agent.restart import restarter_for
 from agent.sdnotify import notify, watchdog_interval
 from agent.stackconfig import stack_settings
@@ -49,17 +47,6 @@ from agent.state import StateStore
 from agent.templates import apply_templates
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Work:
-    """One unit for the worker: a command, or a reconfigure (``command`` None)."""
-
-    run_as: str
-    command: Command | None = None
-    reason: str = ""
-    app: str | None = None  # for work of the agent's own: repair, first deploy
-    revision: str | None = None
 
 
 class Daemon:
@@ -367,7 +354,8 @@ class Daemon:
         await self.session.connected.wait()
         await asyncio.sleep(self.config.membership_debounce)  # let retained presence arrive
         if self.config.first_deploy:
-            self.queue_first_deploys()
+            for work in recovery.first_deploys(self.config, self.fleet.presences().values()):
+                self.queue.put_nowait(work)
         while not self.should_exit:
             work = await self.queue.get()
             if self.should_exit:
@@ -392,7 +380,7 @@ class Daemon:
                         "state": "running",
                         "run_as": work.run_as,
                         "command": json.loads(encode(command)),
-                        "release_before": self.live_release(command.app),
+                        "release_before": recovery.live_release(self.config, command.app),
                     },
                 )
             notify(f"STATUS=running {work.run_as}")
@@ -515,19 +503,13 @@ class Daemon:
     # -- recovery and liveness ------------------------------------------------------------
     def recover(self) -> None:
         """Journal entries left by a crash: queued ones run again, a running one is
-        reported ``interrupted``. Half-built releases are removed; ``current`` is checked."""
-        for entry in self.store.unfinished():
-            command_id = str(entry.get("id"))
-            try:
-                command = Command.model_validate_json(json.dumps(entry["command"]))
-            except (KeyError, ValueError):
-                log.error("journal.corrupt", command_id=command_id)
-                self.store.finish(command_id)
-                continue
+        reported ``interrupted`` and its clients repaired. Half-built releases are removed."""
+        for entry in recovery.unfinished(self.store):
+            command, command_id = entry.command, str(entry.command.id)
             self.seen.add(command_id)
-            if entry.get("state") == "queued":
+            if entry.state == "queued":
                 log.info("journal.requeued", command_id=command_id)
-                self.queue.put_nowait(Work(str(entry.get("run_as", command.kind)), command))
+                self.queue.put_nowait(Work(entry.run_as, command))
                 continue
             log.error("command.interrupted", command_id=command_id, kind=command.kind)
             self.publish_event(
@@ -537,75 +519,14 @@ class Daemon:
                 message="the agent stopped while this command was running; "
                 "current was left on a complete release",
             )
-            self.queue_repair(command.app, entry.get("release_before"))
+            repair = recovery.repair(self.config, command.app, entry.release_before)
+            if repair is not None:
+                self.queue.put_nowait(repair)
             state = self.store.load()
             state.remember(command_id)
             self.store.save(state)
             self.store.finish(command_id)
-        self.check_releases()
-
-    def live_release(self, app: str | None) -> str | None:
-        if app is None or app not in self.config.apps:
-            return None
-        info = announce.app_presence(self.config, app)
-        return info.release if info else None
-
-    def queue_repair(self, app: str | None, release_before: str | None) -> None:
-        """After a crash mid-command, the clients must run what ``current`` holds: if
-        ``current`` moved, finish the roll (a rolling restart of every client); if not,
-        start again whatever the crash left stopped."""
-        if app is None or self.config.supervisor is None or not self.config.carries(app):
-            return
-        moved = self.live_release(app) != release_before
-        reason = "current moved: finish the rolling restart" if moved else "restart stopped clients"
-        log.warning("journal.repair", app=app, reason=reason)
-        self.queue.put_nowait(Work("restart" if moved else "heal", None, reason, app=app))
-
-    def queue_first_deploys(self) -> None:
-        """A new instance (an autoscaling join, a rebuilt server) deploys its apps at once,
-        as OpsWorks' setup did: the revision the rest of the stack runs, else the app's
-        configured branch or revision."""
-        for app in sorted(self.config.apps):
-            if not self.config.carries(app) or self.live_release(app) is not None:
-                continue
-            revision = self.fleet_revision(app)
-            log.info("setup.first_deploy", app=app, revision=revision or "configured")
-            self.queue.put_nowait(
-                Work("deploy", None, "first deploy of this instance", app=app, revision=revision)
-            )
-
-    def fleet_revision(self, app: str) -> str | None:
-        """The revision most online members run for ``app`` (None when nobody runs it)."""
-        counts: Counter[str] = Counter()
-        for presence in self.fleet.presences().values():
-            if presence.instance == self.config.instance.id or presence.state != "online":
-                continue
-            live = presence.apps.get(app)
-            if live is not None and live.revision:
-                counts[live.revision] += 1
-        return counts.most_common(1)[0][0] if counts else None
-
-    def check_releases(self) -> None:
-        for app, cfg in sorted(self.config.apps.items()):
-            try:
-                mgr = ReleaseManager(
-                    root=self.config.paths.root,
-                    app=app,
-                    repository=cfg.repository,
-                    keep_releases=cfg.keep_releases,
-                    shared_dirs=cfg.shared_dirs,
-                )
-                removed = mgr.clean_incomplete()
-                current = mgr.current()
-            except (AgentError, OSError) as exc:
-                log.error("releases.check_failed", app=app, error=str(exc))
-                continue
-            if removed:
-                log.warning("releases.cleaned", app=app, removed=removed)
-            if current is None and mgr.current_link.is_symlink():
-                log.error(
-                    "releases.current_broken", app=app, target=str(mgr.current_link.readlink())
-                )
+        recovery.check_releases(self.config)
 
     async def watchdog(self) -> None:
         interval = watchdog_interval()

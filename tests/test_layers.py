@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
         "templates",
         "fleet",
     },
-    {"pipeline", "restart", "announce"},
+    {"pipeline", "restart", "announce", "recovery"},
     {"daemon", "operator", "operator_config", "operator_cli"},
     {"cli"},
 ]
