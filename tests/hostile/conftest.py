@@ -6,8 +6,6 @@ imported first), and this directory through pytest's own ``prepend`` import mode
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from hostile_helpers import TALLIES, Tally
 
@@ -21,26 +19,9 @@ def tally(request: pytest.FixtureRequest) -> Tally:
     return counts
 
 
-COUNTERS = ("tried", "crashed", "wrongly_accepted", "known_bugs")
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """An xdist worker hands its counts to the controller, which adds them up."""
+    """An xdist worker hands its counts to the controller (tests/conftest.py adds them up
+    and prints them)."""
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
-        workeroutput["hostile_tallies"] = {
-            module: {name: getattr(counts, name) for name in COUNTERS}
-            for module, counts in TALLIES.items()
-        }
-
-
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    for module, counts in getattr(node, "workeroutput", {}).get("hostile_tallies", {}).items():
-        total = TALLIES.setdefault(module, Tally())
-        for name in COUNTERS:
-            setattr(total, name, getattr(total, name) + counts[name])
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for module, counts in sorted(TALLIES.items()):
-        terminalreporter.write_line(f"{counts.summary()}   [{module}]")
+        workeroutput["hostile_tallies"] = {m: c.counts() for m, c in TALLIES.items()}

@@ -16,6 +16,7 @@ from uuid import uuid4
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from summaries import HOSTILE_COUNTERS, hostile_line
 
 from agent.config import AgentConfig, parse_config
 from agent.keys import fingerprint, public_key_line
@@ -145,12 +146,11 @@ class Tally:
             self.wrongly_accepted += 1
             raise AssertionError(f"accepted when it should not be: {what}")
 
+    def counts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in HOSTILE_COUNTERS}
+
     def summary(self) -> str:
-        known = f" ({self.known_bugs} more on known bugs, xfail)" if self.known_bugs else ""
-        return (
-            f"hostile: {self.tried} inputs tried, {self.crashed} crashed the agent, "
-            f"{self.wrongly_accepted} accepted when they should not be{known}"
-        )
+        return hostile_line(self.counts())
 
 
 TALLIES: dict[str, Tally] = {}
