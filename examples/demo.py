@@ -74,8 +74,10 @@ def stop_previous() -> None:
     shutil.rmtree(DEMO, ignore_errors=True)
 
 
-def make_repository() -> tuple[Path, Path]:
-    work, bare = DEMO / "site-work", DEMO / "site.git"
+def make_repository(directory: Path = DEMO) -> tuple[Path, Path]:
+    """A git repository of the example site: a work tree to commit from and a bare
+    upstream to deploy from."""
+    work, bare = directory / "site-work", directory / "site.git"
     shutil.copytree(
         HERE / APP,
         work,
@@ -86,7 +88,7 @@ def make_repository() -> tuple[Path, Path]:
     git("init", "-q", "-b", "main", cwd=work)
     git("add", "-A", cwd=work)
     git("commit", "-q", "-m", "first version", cwd=work)
-    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=DEMO)
+    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=directory)
     git("remote", "add", "origin", str(bare), cwd=work)
     git("push", "-q", "origin", "main", cwd=work)
     return work, bare

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from demo import APP, BIN, HERE, REPO, free_port, git, say
+from demo import APP, BIN, REPO, free_port, git, make_repository, say
 
 FLEET = REPO / ".demo-fleet"
 INSTANCES = {"db-1": ["zeoserver"], "web-1": ["plone_instances"], "web-2": ["plone_instances"]}
@@ -78,24 +78,6 @@ def start_broker() -> int:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     spawn([binary, "-c", str(conf)], directory / "stdout.log")
     return port
-
-
-def make_repository() -> tuple[Path, Path]:
-    work, bare = FLEET / "site-work", FLEET / "site.git"
-    shutil.copytree(
-        HERE / APP,
-        work,
-        ignore=shutil.ignore_patterns(
-            "bin", "parts", "develop-eggs", ".installed.cfg", "var", "__pycache__", "*.egg-info"
-        ),
-    )
-    git("init", "-q", "-b", "main", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "-q", "-m", "first version", cwd=work)
-    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=FLEET)
-    git("remote", "add", "origin", str(bare), cwd=work)
-    git("push", "-q", "origin", "main", cwd=work)
-    return work, bare
 
 
 def start_supervisord(home: Path) -> str:
@@ -239,7 +221,7 @@ def main() -> None:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    work, bare = make_repository()
+    work, bare = make_repository(FLEET)
     zeo_port = free_port(1) + 1
     base_ports = {name: free_port(2) for name in INSTANCES if name.startswith("web")}
 
@@ -314,6 +296,7 @@ def main() -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "version=2" not in fetch(base_ports["web-3"] + 1):
         time.sleep(1)
+    time.sleep(5)  # its presence follows the result, and the others reconfigure for it
     operator(port, "status")
     show({"web-3": base_ports["web-3"]})
     print("\nEverything keeps running. Try it yourself:")
