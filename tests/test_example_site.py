@@ -486,16 +486,22 @@ def test_supervisord_runs_the_generated_programs(site: Site, tmp_path: Path) -> 
     try:
         for name, port in [("zeoserver", site.zeo_port), *site.ports.items()]:
             wait_for_port(port, daemon, site.root / "var" / "log" / f"{name}.log")
-        status = subprocess.run(
-            [str(BIN_DIR / "supervisorctl"), "-c", str(conf), "status"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        ).stdout
-        assert sorted(line.split()[:2] for line in status.splitlines()) == sorted(
-            [name, "RUNNING"] for name in ("zeoserver", *CLIENTS)
-        )
+        # A program is STARTING until it has been up `startsecs` (1 s), listening or not.
+        expected = sorted([name, "RUNNING"] for name in ("zeoserver", *CLIENTS))
+        deadline = time.monotonic() + 20
+        while True:
+            status = subprocess.run(
+                [str(BIN_DIR / "supervisorctl"), "-c", str(conf), "status"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            ).stdout
+            seen = sorted(line.split()[:2] for line in status.splitlines())
+            if seen == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert seen == expected
         for name, port in site.ports.items():
             assert fields(http("GET", port, "/")[2])["client"] == name
     finally:
