@@ -199,7 +199,7 @@ def test_sigkill_marks_the_agent_offline_and_the_others_reconfigure(
 
 
 def test_a_burst_of_joins_gives_one_debounced_reconfigure(tmp_path, broker, operator, site_repo):
-    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2", membership_debounce=3)
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2", membership_debounce=6)
     others = [
         agent(tmp_path, f"web-{n}", broker, site_repo, operator, f"127.0.0.{n + 1}")
         for n in (2, 3, 4)
