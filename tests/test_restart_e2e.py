@@ -4,6 +4,7 @@ at once (the OpsWorks way) does; a client that never becomes healthy halts the r
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -98,6 +99,42 @@ def wait_for(url: str, *, timeout: float) -> None:
             time.sleep(0.2)
 
 
+class Capacity:
+    """Probes every client's port directly, all the time: the fewest that answered at once.
+
+    HAProxy's retries can hide a short outage from the request loops; this cannot be
+    hidden: with every client stopped at the same moment, no port answers."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.fewest_up = len(ports)
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def up(self, port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def loop(self) -> None:
+        deadline = time.monotonic() + 240
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.fewest_up = min(self.fewest_up, sum(self.up(p) for p in self.ports))
+            self.samples += 1
+            time.sleep(0.02)
+
+    def __enter__(self) -> Capacity:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=20)
+
+
 class Load:
     """Four request loops through the load balancer, counting what came back."""
 
@@ -152,13 +189,15 @@ def client_ports(config: AgentConfig) -> list[int]:
     return [base + n for n in range(1, CLIENTS + 1)]
 
 
-async def test_rolling_restart_behind_haproxy_loses_no_request_and_all_at_once_does(site):
+async def test_rolling_restart_behind_haproxy_loses_no_request_and_all_at_once_takes_the_site_down(
+    site,
+):
     config, repo, tmp_path = site
     first = await pipeline(config).deploy(APP)
     assert first.status == "succeeded", first.message
     with running_haproxy(tmp_path, client_ports(config)) as url:
         repo.commit({"VERSION": "2\n"})
-        with Load(url) as rolling:
+        with Load(url) as rolling, Capacity(client_ports(config)) as rolling_capacity:
             outcome = await pipeline(config).deploy(APP)
             time.sleep(1)
         assert outcome.status == "succeeded", outcome.message
@@ -167,6 +206,7 @@ async def test_rolling_restart_behind_haproxy_loses_no_request_and_all_at_once_d
         assert all(p["pid_after"] != p["pid_before"] for p in restarted)
         assert sum(rolling.results.values()) > 100
         assert rolling.failed == 0, rolling.results
+        assert rolling_capacity.fewest_up >= 1  # never the whole site down
         assert get(url).split()[1] == "version=2"
 
         everything = config.model_copy(
@@ -183,11 +223,14 @@ async def test_rolling_restart_behind_haproxy_loses_no_request_and_all_at_once_d
             }
         )
         repo.commit({"VERSION": "3\n"})
-        with Load(url) as at_once:
+        with Load(url) as at_once, Capacity(client_ports(config)) as at_once_capacity:
             outcome = await pipeline(everything).deploy(APP)
             time.sleep(1)
         assert outcome.status == "succeeded", outcome.message
-        assert at_once.failed > 0, at_once.results
+        # Every client down at the same moment: what OpsWorks did. HAProxy's retries
+        # often hide part of it from the request loops (they lost 42 of 4,749 in one run,
+        # none in another), so the outage itself is what this asserts.
+        assert at_once_capacity.fewest_up == 0, at_once_capacity.samples
     print(f"\nrolling: {dict(rolling.results)}; all at once: {dict(at_once.results)}")
 
 
