@@ -133,21 +133,25 @@ class Topics:
     def logs(self, instance_id: str) -> str:
         return self._per_instance("logs", instance_id)
 
+    def _wildcard(self, channel: str) -> str:
+        """Every instance's topic of one channel (``P/<channel>/+``)."""
+        return f"{self.base}/{channel}/+"
+
     @property
     def instances_wildcard(self) -> str:
-        return f"{self.base}/instances/+"
+        return self._wildcard("instances")
 
     @property
     def events_wildcard(self) -> str:
-        return f"{self.base}/events/+"
+        return self._wildcard("events")
 
     @property
     def status_wildcard(self) -> str:
-        return f"{self.base}/status/+"
+        return self._wildcard("status")
 
     @property
     def logs_wildcard(self) -> str:
-        return f"{self.base}/logs/+"
+        return self._wildcard("logs")
 
     def parse(self, topic: str) -> tuple[Channel, str | None] | None:
         """Return (channel, instance id) of a topic of this stack, or None for any other."""
