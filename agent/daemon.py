@@ -276,6 +276,7 @@ class Daemon:
             },
         )
         self.seen.add(str(command.id))
+        log.info("command.queued", command_id=str(command.id), run_as=verdict.run_as)
         self.publish_event(
             command, phase="received", status="started", message=f"queued as {verdict.run_as}"
         )
@@ -346,6 +347,7 @@ class Daemon:
         """Repeated membership or config triggers coalesce into one queued configure."""
         if not self.configure_queued and not self.should_exit:
             self.configure_queued = True
+            log.info("configure.queued", reason="membership or stack config changed")
             self.queue.put_nowait(Work("configure", None, "membership or stack config changed"))
 
     # -- the worker -----------------------------------------------------------------------
@@ -397,17 +399,38 @@ class Daemon:
                         error="internal-error",
                     )
                 ]
-            self.report(command, outcomes, work.run_as)
+            result = self.report(command, outcomes, work.run_as)
+            if command_id:
+                # The result is journaled before it is sent, and the entry is finished only
+                # once the broker has it: a crash in between publishes it again at start-up.
+                state = self.store.load()
+                state.remember(command_id)
+                self.store.save(state)
+                self.journal_result(command_id, result)
+            self.deliver(command_id, result)
             try:
                 await self.announce()
             except Exception:
                 log.exception("presence.failed")
-            if command_id:
-                state = self.store.load()
-                state.remember(command_id)
-                self.store.save(state)
-                self.store.finish(command_id)
             notify("STATUS=idle")
+
+    def journal_result(self, command_id: str, result: Outgoing) -> None:
+        self.store.journal(
+            command_id,
+            {"id": command_id, "state": "done", "result": result.payload.decode("utf-8")},
+        )
+
+    def deliver(self, command_id: str | None, result: Outgoing) -> None:
+        """Publish a final event; its journal entry goes once the broker confirmed it."""
+        done = self.session.publish_tracked(result)
+        if command_id is None:
+            return
+
+        def finished(future: asyncio.Future[bool]) -> None:
+            if not future.cancelled() and future.result():
+                self.store.finish(command_id)
+
+        done.add_done_callback(finished)
 
     async def run(self, work: Work) -> list[Outcome]:
         command = work.command
@@ -465,8 +488,9 @@ class Daemon:
             details={"changed": changed},
         )
 
-    def report(self, command: Command | None, outcomes: list[Outcome], run_as: str) -> None:
-        """The final event of a command, and the retained last result per app."""
+    def report(self, command: Command | None, outcomes: list[Outcome], run_as: str) -> Outgoing:
+        """The retained last result per app; returns the command's final event, for the
+        caller to publish once it is journaled."""
         status: str
         if len(outcomes) == 1:
             outcome = outcomes[0]
@@ -478,7 +502,8 @@ class Daemon:
                 "kind": run_as,
                 "outcomes": [announce.result_details(o) | {"app": o.app} for o in outcomes],
             }
-        self.publish_event(
+        event = announce.event(
+            self.config,
             command,
             phase="result",
             status=status,
@@ -486,6 +511,7 @@ class Daemon:
             details=details,
             kind=("restart" if run_as == "heal" else run_as) if command is None else None,
         )
+        result = Outgoing(self.topics.events(self.config.instance.id), encode(event))
         for outcome in outcomes:
             # A reconfigure that changed nothing is not news: keep the last real result.
             quiet = outcome.kind == "configure" and outcome.status == "unchanged"
@@ -499,11 +525,17 @@ class Daemon:
                     self.topics.status(self.config.instance.id), encode(self.status_record)
                 )
             )
+        return result
 
     # -- recovery and liveness ------------------------------------------------------------
     def recover(self) -> None:
         """Journal entries left by a crash: queued ones run again, a running one is
         reported ``interrupted`` and its clients repaired. Half-built releases are removed."""
+        for done in recovery.reported(self.store):
+            log.info("journal.result_resent", command_id=done.command_id)
+            self.seen.add(done.command_id)
+            topic = self.topics.events(self.config.instance.id)
+            self.deliver(done.command_id, Outgoing(topic, done.payload))
         for entry in recovery.unfinished(self.store):
             command, command_id = entry.command, str(entry.command.id)
             self.seen.add(command_id)
@@ -512,20 +544,23 @@ class Daemon:
                 self.queue.put_nowait(Work(entry.run_as, command))
                 continue
             log.error("command.interrupted", command_id=command_id, kind=command.kind)
-            self.publish_event(
+            event = announce.event(
+                self.config,
                 command,
                 phase="result",
                 status="interrupted",
                 message="the agent stopped while this command was running; "
                 "current was left on a complete release",
             )
+            result = Outgoing(self.topics.events(self.config.instance.id), encode(event))
             repair = recovery.repair(self.config, command.app, entry.release_before)
             if repair is not None:
                 self.queue.put_nowait(repair)
             state = self.store.load()
             state.remember(command_id)
             self.store.save(state)
-            self.store.finish(command_id)
+            self.journal_result(command_id, result)
+            self.deliver(command_id, result)
         recovery.check_releases(self.config)
 
     async def watchdog(self) -> None:

@@ -133,14 +133,20 @@ class MqttSession:
         if not self._call_in_loop(self._enqueue, _Entry(msg)):
             self.dropped += 1
 
-    async def publish_now(self, msg: Outgoing, timeout: float) -> bool:
-        """Queue ``msg`` and wait until the broker confirmed it; False after ``timeout``."""
+    def publish_tracked(self, msg: Outgoing) -> asyncio.Future[bool]:
+        """Queue ``msg``; the future is True once the broker confirmed it (however long
+        that takes), False if it was dropped. Call from the session's loop."""
         entry = _Entry(msg, asyncio.get_running_loop().create_future())
         self._enqueue(entry)
         assert entry.done is not None
+        return entry.done
+
+    async def publish_now(self, msg: Outgoing, timeout: float) -> bool:
+        """Queue ``msg`` and wait until the broker confirmed it; False after ``timeout``."""
+        done = self.publish_tracked(msg)
         try:
             async with asyncio.timeout(timeout):
-                return await asyncio.shield(entry.done)
+                return await asyncio.shield(done)
         except TimeoutError:
             return False
 

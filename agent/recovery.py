@@ -47,10 +47,26 @@ class Unfinished:
     release_before: str | None
 
 
+@dataclass(frozen=True)
+class Reported:
+    """A journal entry whose result was decided but maybe not delivered: sent again."""
+
+    command_id: str
+    payload: bytes
+
+
+def reported(store: StateStore) -> Iterator[Reported]:
+    for entry in store.unfinished():
+        if entry.get("state") == "done" and isinstance(entry.get("result"), str):
+            yield Reported(str(entry.get("id")), entry["result"].encode("utf-8"))
+
+
 def unfinished(store: StateStore) -> Iterator[Unfinished]:
-    """The journal's entries; a corrupt one is logged and dropped."""
+    """The journal's entries of commands not done; a corrupt one is logged and dropped."""
     for entry in store.unfinished():
         command_id = str(entry.get("id"))
+        if entry.get("state") == "done":
+            continue
         try:
             command = Command.model_validate_json(json.dumps(entry["command"]))
         except (KeyError, ValueError):

@@ -161,6 +161,17 @@ class Mosquitto:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def wait_saved(self, timeout: float = 60.0) -> None:
+        """Wait until everything the broker had when this was called is on disk: two more
+        autosaves must start (a save logs when it begins; the second begins after the first
+        ended), so a SIGKILL from now on keeps it. The timeout only bounds a hang."""
+        marker = "Saving in-memory database"
+        before = self.log_text().count(marker)
+        deadline = time.monotonic() + timeout
+        while self.log_text().count(marker) < before + 2:
+            assert time.monotonic() < deadline, f"the broker never saved:\n{self.log_tail()}"
+            time.sleep(0.05)
+
 
 @contextmanager
 def running_mosquitto(

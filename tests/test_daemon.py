@@ -23,10 +23,10 @@ from agent_helpers import (
     wait_results,
 )
 from components import require_binary
-from mosquitto_helpers import Collector, retained, running_mosquitto
+from mosquitto_helpers import Collector, publish, retained, running_mosquitto
 from site_helpers import SiteRepo
 
-from agent.protocol import Presence, StatusRecord, parse_message
+from agent.protocol import Presence, StatusRecord, encode, parse_message
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,11 @@ def test_a_deploy_reaches_every_targeted_agent_and_each_reports(
         operator.send(targeted)
         only = wait_results(seen, targeted, {"web-2"})
         assert only["web-2"].status == "succeeded"
-        time.sleep(1)
+        # Each agent takes commands in order: once web-1 answered the next one, it has
+        # had the targeted one, and answered nothing.
+        barrier = operator.command("deploy", targets=["web-1"])
+        operator.send(barrier)
+        wait_results(seen, barrier, {"web-1"})
         assert set(results(seen, targeted)) == {"web-2"}
 
 
@@ -119,8 +123,7 @@ def test_a_command_sent_while_an_agent_is_down_runs_when_it_comes_back(
         with running_agents(web1):
             pass  # first run: the persistent session and its subscriptions now exist
         command = operator.command("deploy")
-        operator.send(command)
-        time.sleep(0.5)
+        operator.send(command)  # confirmed by the broker (QoS 1) before this returns
         with running_agents(web1):
             found = wait_results(seen, command, {"web-1"})
         assert found["web-1"].status == "succeeded", found["web-1"].message
@@ -199,33 +202,41 @@ def test_sigkill_marks_the_agent_offline_and_the_others_reconfigure(
 
 
 def test_a_burst_of_joins_gives_one_debounced_reconfigure(tmp_path, broker, operator, site_repo):
-    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2", membership_debounce=6)
-    others = [
-        agent(tmp_path, f"web-{n}", broker, site_repo, operator, f"127.0.0.{n + 1}")
-        for n in (2, 3, 4)
-    ]
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2", membership_debounce=3)
     with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, running_agents(web1):
         command = operator.command("deploy", targets=["web-1"])
         operator.send(command)
         wait_results(seen, command, {"web-1"})
         joined_at = datetime.now(UTC)
-        with running_agents(*others):
-            found = wait_results(
-                seen, None, {"web-1"}, kind="configure", timeout=60, after=joined_at
+        # Three instances announce themselves at once, as an autoscaling group does: the
+        # test publishes the burst itself, so its spread does not depend on start-up times.
+        for n in (3, 4, 5):
+            joining = Presence(
+                instance=f"web-{n}",
+                state="online",
+                address=f"127.0.0.{n}",
+                layers=["plone_instances"],
+                agent_version="test",
+                since=datetime.now(UTC),
             )
-            assert found["web-1"].status == "succeeded", found["web-1"].message
-            time.sleep(4)
-            runs = [
-                e
-                for e in events(seen)
-                if e.instance == "web-1"
-                and e.command_id is None
-                and e.phase == "result"
-                and e.at > joined_at
-            ]
-            assert len(runs) == 1, [e.message for e in runs]
-            cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
-            assert "plone_instances = 127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5" in cfg
+            publish(broker.port, TOPICS.instance(f"web-{n}"), encode(joining), retain=True)
+        found = wait_results(seen, None, {"web-1"}, kind="configure", timeout=60, after=joined_at)
+        assert found["web-1"].status == "succeeded", found["web-1"].message
+        logged = web1.logs(all_runs=False)
+        deployed = next(
+            i
+            for i, e in enumerate(logged)
+            if e.get("event") == "command.finished" and e.get("command_id") == str(command.id)
+        )
+        logged = logged[deployed:]
+        changes = [i for i, e in enumerate(logged) if e.get("event") == "fleet.changed"]
+        queued = [i for i, e in enumerate(logged) if e.get("event") == "configure.queued"]
+        # One reconfigure, queued after the last of the three changes: with nothing left
+        # to change, no second one can follow.
+        assert len(changes) == 3, [logged[i] for i in changes]
+        assert len(queued) == 1 and queued[0] > changes[-1], [logged[i] for i in queued]
+        cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
+        assert "plone_instances = 127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5" in cfg
 
 
 def test_broker_restart_mid_deploy_agents_reconnect_and_report(

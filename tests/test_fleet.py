@@ -190,26 +190,34 @@ class Recorder:
 
 async def test_burst_of_triggers_within_the_delay_runs_once() -> None:
     action = Recorder()
-    async with Debouncer(0.05, action) as debouncer:
+    async with Debouncer(1.0, action) as debouncer:
         for _ in range(10):
             debouncer.trigger()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # the loop runs between triggers, but no time passes
         await debouncer.wait_idle()
     assert action.runs == 1
 
 
 async def test_run_waits_for_the_delay_after_the_last_trigger() -> None:
-    action = Recorder()
     loop = asyncio.get_running_loop()
-    async with Debouncer(0.1, action) as debouncer:
-        debouncer.trigger()
-        await asyncio.sleep(0.08)
-        last = loop.time()
-        debouncer.trigger()
-        await action.started.wait()
-        assert loop.time() - last >= 0.095
+    triggers: list[float] = []
+    runs: list[float] = []
+
+    async def action() -> None:
+        runs.append(loop.time())
+
+    async with Debouncer(0.2, action) as debouncer:
+        for pause in (0.1, 0.1, 0.0):
+            triggers.append(loop.time())
+            debouncer.trigger()
+            await asyncio.sleep(pause)
         await debouncer.wait_idle()
-    assert action.runs == 1
+    # However slowly this loop ran, every run started at least the delay after the last
+    # trigger before it, and the last trigger was followed by a run.
+    assert runs and runs[-1] > triggers[-1]
+    for started in runs:
+        last = max(t for t in triggers if t < started)
+        assert started - last >= 0.2 - 0.005
 
 
 async def test_triggers_during_a_run_cause_exactly_one_more_run() -> None:

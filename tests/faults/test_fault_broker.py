@@ -17,7 +17,6 @@ from agent.protocol import Presence, parse_message
 
 pytestmark = pytest.mark.slow
 OUTAGE = 2.0  # seconds the broker stays down
-AUTOSAVE = 1.2  # Mosquitto persists every second: sessions made before this survive a kill
 
 
 def connections(agent: AgentProcess) -> int:
@@ -78,7 +77,7 @@ def test_broker_sigkill_while_idle_and_mid_deploy_loses_no_result_and_presence_c
             operator.send(first)
             assert wait_results(seen, first, {"web-1"})["web-1"].status == "succeeded"
             precious = Precious.write(app)
-            time.sleep(AUTOSAVE)
+            broker.wait_saved()
 
             # 1. idle
             tally.tried += 1
@@ -91,7 +90,7 @@ def test_broker_sigkill_while_idle_and_mid_deploy_loses_no_result_and_presence_c
             second = operator.command("deploy")
             operator.send(second)
             agent.wait_logged("pipeline.phase", phase="buildout", status="started")
-            time.sleep(AUTOSAVE)
+            broker.wait_saved()
             tally.tried += 1
             broker.kill()
             agent.wait_logged("pipeline.phase", phase="switch", status="done", timeout=60)

@@ -255,7 +255,15 @@ def test_a_signed_config_with_an_absurd_client_count_does_not_kill_the_agent(
             encode(sign_config(absurd, load_private_key(operator.key_path))),
             retain=True,
         )
-        time.sleep(3)  # the debounce (0.5 s) and a configure run
+        # The agent has taken the configuration in (or refused it) before the probe.
+        wait_until(
+            lambda: any(
+                e.get("event") in ("stack_config.changed", "stack_config.rejected")
+                for e in agent.logs(all_runs=False)
+            ),
+            60,
+            "the agent never read the configuration",
+        )
         probe = operator.command("configure")
         operator.send(probe)
         process = agent.process

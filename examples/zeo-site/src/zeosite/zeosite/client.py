@@ -8,9 +8,12 @@ sees a clean stop and a load balancer sees refused connections, not cut response
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import time
 from types import FrameType
@@ -128,16 +131,34 @@ class Client:
 def stop_accepting(server: BaseWSGIServer) -> None:
     """Take what is already in the listen backlog, then close the listening socket.
 
-    Closing with connections still queued would reset them; after the close, new
-    connections are refused, which a load balancer retries elsewhere.
+    Closing with connections still queued would reset them, and a connection can enter
+    the backlog between the last accept and the close. So the kernel is first told to
+    drop new connection attempts (a socket filter that accepts nothing): after that the
+    backlog can only shrink, it is drained, and the socket closed. A client whose attempt
+    was dropped retries it and is refused, which a load balancer retries elsewhere.
     """
-    for _ in range(server.adj.backlog):
+    drop_new_connections(server.socket)
+    for _ in range(server.adj.backlog + 1):
         before = len(server.active_channels)
         server.handle_accept()
         if len(server.active_channels) == before:
             break
     server.del_channel()
     server.socket.close()
+
+
+SO_ATTACH_FILTER = 26  # Linux; the socket module does not name it
+DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: "ret #0", keep no packet
+
+
+def drop_new_connections(sock: socket.socket) -> None:
+    """Make the listening socket ignore new SYNs; a no-op where the kernel has no filters."""
+    program = ctypes.create_string_buffer(DROP_ALL)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError as exc:
+        log.warning("cannot filter new connections during shutdown: %s", exc)
 
 
 def busy(server: BaseWSGIServer) -> bool:
