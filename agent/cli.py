@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import structlog
 
 from agent import __version__
-from agent.config import AgentConfig, load_config
-from agent.errors import AgentError, ConfigError
-from agent.log import configure_logging
+from agent.adapters.log import configure_logging
+from agent.core.config import AgentConfig, load_config
+from agent.core.errors import AgentError, ConfigError
 
 if TYPE_CHECKING:  # imported lazily: `config check` should not pay for GitPython
-    from agent.pipeline import Pipeline
+    from agent.node.pipeline import Pipeline
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_NO_INSTANCE = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "/etc/deploy-agent/agent.yaml"
@@ -37,8 +37,8 @@ def config_path(args: argparse.Namespace) -> Path:
 
 def local_pipeline(config: AgentConfig) -> Pipeline:
     """The pipeline of this host, with supervisord restarts when supervisor is configured."""
-    from agent.pipeline import Pipeline
-    from agent.restart import restarter_for
+    from agent.node.pipeline import Pipeline
+    from agent.node.restart import restarter_for
 
     return Pipeline(config, restarter=restarter_for(config))
 
@@ -59,14 +59,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: JSON lines on stdout for journald, unless stdout is a terminal."""
     config = load_config(config_path(args))
     configure_logging(level=args.log_level, stream=sys.stdout)
-    from agent.daemon import Daemon
+    from agent.node.daemon import Daemon
 
     return asyncio.run(Daemon(config).serve())
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     if not args.local:  # the operator's config may be an operator file, not an agent config
-        from agent.operator_cli import remote_deploy
+        from agent.operator.commands import remote_deploy
 
         return remote_deploy(args, config_path(args))
     config = load_config(config_path(args))
@@ -85,7 +85,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     if not args.local:
-        from agent.operator_cli import remote_rollback
+        from agent.operator.commands import remote_rollback
 
         return remote_rollback(args, config_path(args))
     config = load_config(config_path(args))
@@ -108,7 +108,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    from agent.stackconfig import stack_settings
+    from agent.core.stackconfig import stack_settings
 
     stack_settings(config.stack_config)
     apps = ", ".join(sorted(config.apps)) or "none"
@@ -120,7 +120,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     import getpass
     import socket
 
-    from agent.keys import generate_keypair
+    from agent.adapters.keys import generate_keypair
 
     comment = args.comment or f"{getpass.getuser()}@{socket.gethostname()}"
     key = generate_keypair(Path(args.output), comment=comment, force=args.force)
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate an agent configuration file")
     check.add_argument("file")
     check.set_defaults(func=cmd_config_check)
-    from agent.operator_cli import add_config_push, add_operator_arguments
+    from agent.operator.commands import add_config_push, add_operator_arguments
 
     add_config_push(config_sub)
     add_operator_arguments(sub)

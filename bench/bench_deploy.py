@@ -23,8 +23,8 @@ from bench_common import ms, percentile, quiet_logs
 # isort: split
 from site_helpers import SiteRepo, write_config
 
-from agent.config import AgentConfig
-from agent.pipeline import HostFacts, Pipeline
+from agent.core.config import AgentConfig
+from agent.node.pipeline import HostFacts, Pipeline
 
 APP = "zeo-site"
 

@@ -34,12 +34,12 @@ from bench_common import Observer, ms, percentile, quiet_logs, raise_fd_limit, r
 from agent_helpers import STACK, TOPICS, Operator
 from mosquitto_helpers import running_mosquitto
 
-from agent import announce
-from agent.config import AgentConfig, InstanceConfig, parse_config
-from agent.intake import Accepted, Ignored, Rejected, accept
-from agent.keys import load_trusted_keys
-from agent.mqtt import MqttSession, Outgoing
-from agent.protocol import encode
+from agent.adapters.keys import load_trusted_keys
+from agent.adapters.mqtt import MqttSession, Outgoing
+from agent.core.config import AgentConfig, InstanceConfig, parse_config
+from agent.node import announce
+from agent.node.intake import Accepted, Ignored, Rejected, accept
+from agent.protocol.protocol import encode
 
 APP = "zeo-site"
 PAUSE = 0.5  # between rounds, so each starts from quiet sockets

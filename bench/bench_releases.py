@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.releases import ReleaseManager
+from agent.adapters.releases import ReleaseManager
 
 FILES = 2_000
 COMMITS = 200

@@ -26,8 +26,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from supervisord_helpers import Supervisord, running_supervisord  # noqa: E402
 
-from agent.rolling import RestartPlan, restart_programs  # noqa: E402
-from agent.supervisor import SupervisorClient  # noqa: E402
+from agent.adapters.supervisor import SupervisorClient  # noqa: E402
+from agent.node.rolling import RestartPlan, restart_programs  # noqa: E402
 
 
 def _answers(port: int) -> bool:

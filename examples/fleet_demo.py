@@ -238,7 +238,7 @@ def main() -> None:
             base_port=base_ports.get(name, free_port(2)),
             supervisor=start_supervisord(home),
         )
-        spawn([str(BIN / "deploy-agent"), "run", "-c", str(config)], home / "agent.log")
+        spawn([str(BIN / "deploy-agent"), "run", "-c", str(config)], home / "agent.adapters.log")
 
     for name, layers in INSTANCES.items():
         start_instance(name, layers, first_deploy=False)

@@ -17,8 +17,8 @@ from typing import Any
 from mosquitto_helpers import Collector, publish
 from site_helpers import REPO, SiteRepo, write_config
 
-from agent.keys import generate_keypair, load_private_key
-from agent.protocol import Command, Event, Topics, encode, parse_message, sign_command
+from agent.adapters.keys import generate_keypair, load_private_key
+from agent.protocol.protocol import Command, Event, Topics, encode, parse_message, sign_command
 
 STACK = "test"
 TOPICS = Topics("deploy-agent", STACK)

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from agent.config import AgentConfig, load_config
+from agent.core.config import AgentConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "zeo-site"

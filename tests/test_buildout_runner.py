@@ -9,8 +9,8 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from agent.buildout import run_buildout
-from agent.errors import BuildoutFailed
+from agent.adapters.buildout import run_buildout
+from agent.core.errors import BuildoutFailed
 
 PY = sys.executable
 

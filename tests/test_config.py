@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config, parse_config
-from agent.errors import ConfigError
+from agent.core.config import load_config, parse_config
+from agent.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

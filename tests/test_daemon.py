@@ -26,7 +26,7 @@ from components import require_binary
 from mosquitto_helpers import Collector, publish, retained, running_mosquitto
 from site_helpers import SiteRepo
 
-from agent.protocol import Presence, StatusRecord, encode, parse_message
+from agent.protocol.protocol import Presence, StatusRecord, encode, parse_message
 
 pytestmark = pytest.mark.slow
 
@@ -140,8 +140,8 @@ def test_bad_commands_are_rejected_with_a_reason_and_the_agent_keeps_serving(
         stale = operator.command("deploy", sign=False).model_copy(
             update={"issued_at": datetime.now(UTC) - timedelta(hours=2)}
         )
-        from agent.keys import load_private_key
-        from agent.protocol import sign_command
+        from agent.adapters.keys import load_private_key
+        from agent.protocol.protocol import sign_command
 
         stale = sign_command(stale, load_private_key(operator.key_path))
         unknown = operator.command("deploy", app="no-such-app")

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from components import require_binary
 
-from agent.config import TemplateConfig
-from agent.plan import Member
-from agent.protocol import ClientInfo
-from agent.templates import apply_templates, build_context
+from agent.adapters.templates import apply_templates, build_context
+from agent.core.config import TemplateConfig
+from agent.core.plan import Member
+from agent.protocol.protocol import ClientInfo
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "haproxy.cfg.tmpl"
 MEMBERS = ("web-1", "web-2")

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
-from agent.keys import (
+from agent.adapters.keys import (
     KeyFileError,
     fingerprint,
     generate_keypair,

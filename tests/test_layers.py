@@ -1,6 +1,7 @@
-"""Imports point one way: pure core at the bottom, adapters above it, orchestration on
-top (STYLE.md, "Shape of our package"). A module may import its own layer or lower ones;
-an import upwards is a design error, whatever line it sits on."""
+"""The folders are the layers (docs/architecture.md, "Layers"): ``core`` at the bottom,
+``protocol`` above it, ``adapters``, then ``node`` and ``operator`` side by side, and
+``cli`` on top. A module may import its own folder or lower ones; ``operator`` never
+imports ``node``; ``core`` and ``protocol`` do no I/O of their own."""
 
 from __future__ import annotations
 
@@ -9,73 +10,106 @@ from pathlib import Path
 
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 
-LAYERS: list[set[str]] = [
-    {"errors", "log", "sdnotify", "__init__"},
-    {"config", "stackconfig", "plan", "keys", "wire", "protocol", "render", "state", "intake"},
-    {
-        "gitmirror",
-        "releases",
-        "buildout",
-        "health",
-        "supervisor",
-        "rolling",
-        "mqtt",
-        "templates",
-        "fleet",
-    },
-    {"pipeline", "restart", "announce", "recovery"},
-    {"daemon", "operator", "operator_config", "operator_cli"},
-    {"cli"},
-]
+#: What each folder may import from the agent, besides itself.
+ALLOWED: dict[str, set[str]] = {
+    "core": set(),
+    "protocol": {"core"},
+    "adapters": {"core", "protocol"},
+    "node": {"core", "protocol", "adapters"},
+    "operator": {"core", "protocol", "adapters"},
+    "cli": {"core", "protocol", "adapters", "node", "operator"},
+    "__init__": set(),
+}
+#: Modules that would mean I/O in a pure layer.
+IO_MODULES = {
+    "subprocess",
+    "socket",
+    "ssl",
+    "aiomqtt",
+    "paho",
+    "git",
+    "xmlrpc",
+    "supervisor",
+    "psutil",
+    "fcntl",
+    "urllib",
+    "http",
+    "tempfile",
+    "shutil",
+    "jinja2",
+}
 
 
-def layer_of(module: str) -> int:
-    for index, members in enumerate(LAYERS):
-        if module in members:
-            return index
-    raise AssertionError(f"agent/{module}.py is in no layer: add it to LAYERS")
+def folder_of(path: Path) -> str:
+    relative = path.relative_to(AGENT)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
 
 
-def agent_imports(path: Path) -> set[str]:
+def imports(path: Path) -> set[str]:
+    """Every module this file imports (top-level name, or ``agent.<folder>``)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "agent":
-                found.update(alias.name for alias in node.names)
-            elif node.module.startswith("agent."):
-                found.add(node.module.split(".")[1])
+                found.update(f"agent.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("agent."))
-    return found - {"__version__"}
+            found.update(alias.name for alias in node.names)
+    return found
 
 
-def test_every_module_imports_only_its_own_layer_or_lower_ones():
+def agent_folders(path: Path) -> set[str]:
+    return {
+        name.split(".")[1]
+        for name in imports(path)
+        if name.startswith("agent.") and name != "agent.__version__"
+    } - {"__version__"}
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in AGENT.rglob("*.py"))
+
+
+def test_every_module_is_in_a_known_folder() -> None:
+    unknown = [str(p.relative_to(AGENT)) for p in modules() if folder_of(p) not in ALLOWED]
+    assert unknown == []
+
+
+def test_imports_point_down_only() -> None:
     upward = []
-    for path in sorted(AGENT.glob("*.py")):
-        module = path.stem
-        for imported in agent_imports(path):
-            if layer_of(imported) > layer_of(module):
-                upward.append(
-                    f"agent.{module} (layer {layer_of(module)}) imports "
-                    f"agent.{imported} (layer {layer_of(imported)})"
-                )
+    for path in modules():
+        folder = folder_of(path)
+        for imported in agent_folders(path) - {folder}:
+            if imported not in ALLOWED[folder]:
+                upward.append(f"agent/{path.relative_to(AGENT)} imports agent.{imported}")
     assert upward == []
 
 
-def test_the_pure_core_does_no_io_of_its_own():
-    """The bottom layers never start processes or open sockets: adapters do that."""
-    forbidden = {"subprocess", "socket", "aiomqtt", "git", "xmlrpc", "supervisor"}
-    for module in LAYERS[1] - {"config", "keys"}:  # config reads its file, keys their files
-        tree = ast.parse((AGENT / f"{module}.py").read_text())
-        names = {
-            a.name.split(".")[0]
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Import)
-            for a in n.names
-        }
-        names |= {
-            n.module.split(".")[0]
-            for n in ast.walk(tree)
-            if isinstance(n, ast.ImportFrom) and n.module
-        }
-        assert not names & forbidden, (module, names & forbidden)
+def test_the_operator_side_never_imports_the_node() -> None:
+    offenders = [
+        str(p.relative_to(AGENT))
+        for p in AGENT.joinpath("operator").rglob("*.py")
+        if "node" in agent_folders(p)
+    ]
+    assert offenders == []
+
+
+def test_core_and_protocol_do_no_io_of_their_own() -> None:
+    """Parsing a configuration on the operator's laptop must not probe the laptop."""
+    offenders = {}
+    for folder in ("core", "protocol"):
+        for path in AGENT.joinpath(folder).rglob("*.py"):
+            used = {name.split(".")[0] for name in imports(path)} & IO_MODULES
+            if used:
+                offenders[str(path.relative_to(AGENT))] = sorted(used)
+    assert offenders == {}
+
+
+def test_no_module_cites_files_the_repository_does_not_have() -> None:
+    cited = [
+        str(p.relative_to(AGENT))
+        for p in modules()
+        if "DESIGN.md" in p.read_text() or "STYLE.md" in p.read_text()
+    ]
+    assert cited == []

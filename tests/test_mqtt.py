@@ -27,15 +27,15 @@ from mosquitto_helpers import (
 )
 from structlog.testing import capture_logs
 
-from agent.config import BrokerConfig
-from agent.mqtt import MqttSession, Outgoing
+from agent.adapters.mqtt import MqttSession, Outgoing
+from agent.core.config import BrokerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 AGENT_SCRIPT = """
 import asyncio, sys
-from agent.config import BrokerConfig
-from agent.mqtt import MqttSession, Outgoing
+from agent.core.config import BrokerConfig
+from agent.adapters.mqtt import MqttSession, Outgoing
 
 port, topic, keepalive = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 

@@ -9,9 +9,16 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.keys import generate_keypair
-from agent.operator import (
+from agent.adapters.keys import generate_keypair
+from agent.core.errors import ConfigError
+from agent.operator.commands import parse_log
+from agent.operator.config import (
+    load_operator_config,
+    load_stack_config,
+    parse_broker_url,
+    signed_stack_config,
+)
+from agent.operator.rollouts import (
     EXIT_FAILED,
     EXIT_NO_INSTANCE,
     EXIT_OK,
@@ -32,14 +39,7 @@ from agent.operator import (
     short_revision,
     stop_reason,
 )
-from agent.operator_cli import parse_log
-from agent.operator_config import (
-    load_operator_config,
-    load_stack_config,
-    parse_broker_url,
-    signed_stack_config,
-)
-from agent.protocol import AppPresence, AppStatus, Event, Presence, StatusRecord
+from agent.protocol.protocol import AppPresence, AppStatus, Event, Presence, StatusRecord
 
 NOW = datetime(2025, 1, 2, 12, 0, tzinfo=UTC)
 SHA = "3f2a9c0d1e2b3c4d5e6f708192a3b4c5d6e7f809"

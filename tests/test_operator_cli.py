@@ -26,9 +26,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mosquitto_helpers import free_port, retained, running_mosquitto
 
-from agent.errors import CommandRejected
-from agent.keys import generate_keypair, load_public_key
-from agent.protocol import (
+from agent.adapters.keys import generate_keypair, load_public_key
+from agent.core.errors import CommandRejected
+from agent.protocol.protocol import (
     AppPresence,
     AppStatus,
     Event,

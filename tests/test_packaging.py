@@ -33,10 +33,10 @@ from mosquitto_helpers import free_port, mosquitto_binary
 from paho.mqtt.enums import CallbackAPIVersion
 from site_helpers import SiteRepo
 
-from agent.config import AgentConfig, load_config
-from agent.pipeline import HostFacts, Pipeline
-from agent.plan import Member
-from agent.protocol import encode
+from agent.core.config import AgentConfig, load_config
+from agent.core.plan import Member
+from agent.node.pipeline import HostFacts, Pipeline
+from agent.protocol.protocol import encode
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "deploy-agent.service"

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from site_helpers import REPO, SiteRepo, write_config
 
-from agent.config import AgentConfig, load_config
-from agent.pipeline import HostFacts, Pipeline
-from agent.releases import ReleaseManager
+from agent.adapters.releases import ReleaseManager
+from agent.core.config import AgentConfig, load_config
+from agent.node.pipeline import HostFacts, Pipeline
 
 APP = "zeo-site"
 FACTS = HostFacts(cpu_count=2, memory_mb=4096)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.plan import Member, client_count, client_layout, decide, first_online
-from agent.stackconfig import PloneInstances
+from agent.core.plan import Member, client_count, client_layout, decide, first_online
+from agent.core.stackconfig import PloneInstances
 
 CFG = b"[buildout]\n"
 

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import CommandRejected, ConfigError
-from agent.keys import fingerprint
-from agent.protocol import (
+from agent.adapters.keys import fingerprint
+from agent.core.errors import CommandRejected, ConfigError
+from agent.protocol.protocol import (
     MAX_PAYLOAD_BYTES,
     AppPresence,
     AppStatus,
@@ -38,7 +38,7 @@ from agent.protocol import (
     verify_command,
     verify_config,
 )
-from agent.wire import nested_deeper_than
+from agent.protocol.wire import nested_deeper_than
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 COMMAND_ID = "0b5e4c1e-8d8f-4c55-9a34-3f7a3f0e9b10"

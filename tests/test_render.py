@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import RenderError
-from agent.plan import Member, client_layout
-from agent.render import RenderInput, render_deploy_cfg
-from agent.stackconfig import stack_settings
+from agent.core.errors import RenderError
+from agent.core.plan import Member, client_layout
+from agent.core.render import RenderInput, render_deploy_cfg
+from agent.core.stackconfig import stack_settings
 
 ROOT = Path("/srv/deploy/mysite")
 

@@ -20,9 +20,9 @@ from components import require_binary
 from site_helpers import SiteRepo, free_port_block, write_config
 from supervisord_helpers import running_supervisord
 
-from agent.config import AgentConfig
-from agent.pipeline import HostFacts, Pipeline
-from agent.restart import restarter_for
+from agent.core.config import AgentConfig
+from agent.node.pipeline import HostFacts, Pipeline
+from agent.node.restart import restarter_for
 
 pytestmark = pytest.mark.slow
 APP = "zeo-site"

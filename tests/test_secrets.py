@@ -7,9 +7,9 @@ import json
 
 import structlog
 
-from agent import announce
-from agent.config import parse_config
-from agent.log import configure_logging
+from agent.adapters.log import configure_logging
+from agent.core.config import parse_config
+from agent.node import announce
 
 CONFIG = parse_config(
     {

@@ -14,10 +14,10 @@ import pytest
 import structlog
 from supervisord_helpers import Supervisord, free_port, running_supervisord
 
-from agent.errors import ConfigError, RestartHalted, SupervisorError
-from agent.health import HealthCheckFailed, health_url_for, wait_healthy
-from agent.rolling import RestartPlan, restart_programs
-from agent.supervisor import ProcessInfo, SupervisorClient, match_programs
+from agent.adapters.health import HealthCheckFailed, health_url_for, wait_healthy
+from agent.adapters.supervisor import ProcessInfo, SupervisorClient, match_programs
+from agent.core.errors import ConfigError, RestartHalted, SupervisorError
+from agent.node.rolling import RestartPlan, restart_programs
 
 pytestmark = pytest.mark.slow
 

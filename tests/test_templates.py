@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from agent.config import TemplateConfig
-from agent.errors import RenderError
-from agent.plan import Member
-from agent.protocol import ClientInfo
-from agent.templates import (
+from agent.adapters.templates import (
     TemplateReloadFailed,
     apply_templates,
     build_context,
     render_template,
 )
+from agent.core.config import TemplateConfig
+from agent.core.errors import RenderError
+from agent.core.plan import Member
+from agent.protocol.protocol import ClientInfo
 
 BACKENDS = (
     "{% for m in layers.plone_instances %}"

@@ -26,7 +26,7 @@ import psutil
 from agent_helpers import APP, AgentProcess
 from supervisord_helpers import Supervisord
 
-from agent.releases import MARKER
+from agent.adapters.releases import MARKER
 
 #: How many kills test_fault_agent_kill.py tries; CI keeps the default.
 FAULT_RUNS = int(os.environ.get("FAULT_RUNS", "8"))

@@ -25,7 +25,7 @@ from mosquitto_helpers import Collector, running_mosquitto
 from site_helpers import SiteRepo
 from supervisord_helpers import Supervisord, running_supervisord
 
-from agent.protocol import Command
+from agent.protocol.protocol import Command
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from fault_helpers import Precious, Tally, app_dir
 from mosquitto_helpers import Collector, Mosquitto, retained, running_mosquitto
 from site_helpers import SiteRepo
 
-from agent.protocol import Presence, parse_message
+from agent.protocol.protocol import Presence, parse_message
 
 pytestmark = pytest.mark.slow
 OUTAGE = 2.0  # seconds the broker stays down

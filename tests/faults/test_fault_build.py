@@ -17,8 +17,8 @@ import pytest
 from fault_helpers import Precious, Tally
 from site_helpers import SiteRepo, write_config
 
-from agent.config import AgentConfig
-from agent.pipeline import HostFacts, Outcome, Pipeline
+from agent.core.config import AgentConfig
+from agent.node.pipeline import HostFacts, Outcome, Pipeline
 
 APP = "zeo-site"
 FACTS = HostFacts(cpu_count=2, memory_mb=4096)

@@ -19,7 +19,7 @@ from mosquitto_helpers import Collector, running_mosquitto
 from site_helpers import SiteRepo, write_config
 from supervisord_helpers import running_supervisord
 
-from agent.pipeline import HostFacts, Pipeline
+from agent.node.pipeline import HostFacts, Pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ from mosquitto_helpers import Collector, running_mosquitto
 from site_helpers import SiteRepo, write_config
 from supervisord_helpers import Supervisord, running_supervisord
 
-from agent.pipeline import HostFacts, Pipeline
-from agent.restart import restarter_for
+from agent.node.pipeline import HostFacts, Pipeline
+from agent.node.restart import restarter_for
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from typing import Any
 from hostile_helpers import config_data, write_public_keys
 from structlog.testing import capture_logs
 
-from agent.config import parse_config
-from agent.daemon import Daemon
-from agent.protocol import Topics
+from agent.core.config import parse_config
+from agent.node.daemon import Daemon
+from agent.protocol.protocol import Topics
 
 
 @dataclass

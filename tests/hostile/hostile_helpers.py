@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from summaries import HOSTILE_COUNTERS, hostile_line
 
-from agent.config import AgentConfig, parse_config
-from agent.keys import fingerprint, public_key_line
-from agent.protocol import Command, sign_command
+from agent.adapters.keys import fingerprint, public_key_line
+from agent.core.config import AgentConfig, parse_config
+from agent.protocol.protocol import Command, sign_command
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 STACK = "mysite"

@@ -24,12 +24,12 @@ from hostile_helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig, load_config, parse_config
-from agent.daemon import Daemon
-from agent.errors import ConfigError, RevisionNotFound
-from agent.gitmirror import check_revision
-from agent.protocol import canonical_json
-from agent.stackconfig import stack_settings
+from agent.adapters.gitmirror import check_revision
+from agent.core.config import AgentConfig, load_config, parse_config
+from agent.core.errors import ConfigError, RevisionNotFound
+from agent.core.stackconfig import stack_settings
+from agent.node.daemon import Daemon
+from agent.protocol.protocol import canonical_json
 
 BASE = Path("/nonexistent/hostile")
 SECTION_KEYS = {

@@ -30,8 +30,8 @@ from hostile_helpers import Tally
 from mosquitto_helpers import Collector, publish, retained, running_mosquitto
 from site_helpers import REPO, SiteRepo
 
-from agent.keys import fingerprint, load_private_key
-from agent.protocol import (
+from agent.adapters.keys import fingerprint, load_private_key
+from agent.protocol.protocol import (
     Presence,
     SignedConfig,
     encode,

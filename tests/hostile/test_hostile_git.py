@@ -27,9 +27,9 @@ from hostile_helpers import (
     config_data,
 )
 
-from agent.config import parse_config
-from agent.pipeline import Outcome, Pipeline
-from agent.releases import ReleaseManager
+from agent.adapters.releases import ReleaseManager
+from agent.core.config import parse_config
+from agent.node.pipeline import Outcome, Pipeline
 
 pytestmark = pytest.mark.slow
 ODD_BUT_VALID = ["HEAD", "FETCH_HEAD", "refs/heads/main", "a" * 200, "no/such/branch", "main"]

@@ -29,9 +29,9 @@ from hostile_helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import CommandRejected
-from agent.intake import Accepted, Ignored, Rejected, accept
-from agent.protocol import Command, encode, parse_command
+from agent.core.errors import CommandRejected
+from agent.node.intake import Accepted, Ignored, Rejected, accept
+from agent.protocol.protocol import Command, encode, parse_command
 
 CONFIG = agent_config(Path("/nonexistent/hostile"))  # intake never touches the disk
 FIELDS = sorted(Command.model_fields)

@@ -17,7 +17,7 @@ from hostile_helpers import Tally, command, examples, json_values
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.protocol import encode
+from agent.protocol.protocol import encode
 
 MB = 1024 * 1024
 SECONDS = 5.0  # generous: a rejection takes milliseconds; the machine is shared

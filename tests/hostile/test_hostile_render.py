@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 from zc.buildout.configparser import parse as buildout_parse
 from zc.buildout.configparser import section_header
 
-from agent.errors import AgentError, ConfigError
-from agent.fleet import Fleet
-from agent.plan import Member, client_layout
-from agent.protocol import InvalidMessage, Presence, parse_message
-from agent.render import RenderInput, render_deploy_cfg
-from agent.stackconfig import stack_settings
+from agent.core.errors import AgentError, ConfigError
+from agent.core.plan import Member, client_layout
+from agent.core.render import RenderInput, render_deploy_cfg
+from agent.core.stackconfig import stack_settings
+from agent.node.fleet import Fleet
+from agent.protocol.protocol import InvalidMessage, Presence, parse_message
 
 ROOT = Path("/srv/deploy/mysite")
 OWN = {

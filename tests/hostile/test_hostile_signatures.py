@@ -28,9 +28,9 @@ from hostile_helpers import (
     command,
 )
 
-from agent.intake import Accepted, Rejected, accept
-from agent.keys import fingerprint, sign_bytes
-from agent.protocol import (
+from agent.adapters.keys import fingerprint, sign_bytes
+from agent.node.intake import Accepted, Rejected, accept
+from agent.protocol.protocol import (
     Command,
     SignedConfig,
     canonical_json,

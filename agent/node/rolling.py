@@ -16,9 +16,8 @@ from typing import Any, Literal
 
 import structlog
 
-from agent.errors import ConfigError, RestartHalted
-from agent.health import HealthCheckFailed, health_url_for, wait_healthy
-from agent.supervisor import (
+from agent.adapters.health import HealthCheckFailed, health_url_for, wait_healthy
+from agent.adapters.supervisor import (
     ConfigDiff,
     ProcessInfo,
     ProgramDidNotStart,
@@ -26,6 +25,7 @@ from agent.supervisor import (
     match_programs,
     natural_key,
 )
+from agent.core.errors import ConfigError, RestartHalted
 
 log = structlog.get_logger(__name__)
 

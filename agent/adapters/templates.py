@@ -24,11 +24,11 @@ import structlog
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from agent.config import TemplateConfig
-from agent.errors import AgentError, RenderError
-from agent.plan import Member
-from agent.protocol import ClientInfo
-from agent.state import atomic_write
+from agent.adapters.state import atomic_write
+from agent.core.config import TemplateConfig
+from agent.core.errors import AgentError, RenderError
+from agent.core.plan import Member
+from agent.protocol.protocol import ClientInfo
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import structlog
 
-from agent.errors import AgentError, ConfigError
+from agent.core.errors import AgentError, ConfigError
 
 log = structlog.get_logger(__name__)
 

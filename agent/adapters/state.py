@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StateError
+from agent.core.errors import StateError
 
 MAX_PROCESSED_IDS = 1000
 

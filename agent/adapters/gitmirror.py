@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import git
 import structlog
 
-from agent.errors import ConfigError, GitError, RevisionNotFound
+from agent.core.errors import ConfigError, GitError, RevisionNotFound
 
 log = structlog.get_logger(__name__)
 

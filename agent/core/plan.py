@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.stackconfig import PloneInstances
+from agent.core.stackconfig import PloneInstances
 
 #: The most ZEO clients one instance runs, whatever the CPU count says.
 MAX_CLIENTS = 256

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from agent.protocol import Event, Presence, StatusRecord
+from agent.protocol.protocol import Event, Presence, StatusRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_NO_INSTANCE = 0, 1, 2, 3, 4
 FINAL_STATUSES = frozenset({"succeeded", "failed", "unchanged", "rejected", "interrupted"})

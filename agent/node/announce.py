@@ -10,12 +10,13 @@ from typing import Any
 from uuid import UUID
 
 from agent import __version__
-from agent.config import AgentConfig
-from agent.errors import AgentError
-from agent.log import REDACTED, SECRET_KEY, strip_url_password
-from agent.pipeline import HostFacts, Outcome
-from agent.plan import ClientLayout
-from agent.protocol import (
+from agent.adapters.log import REDACTED, SECRET_KEY, strip_url_password
+from agent.adapters.releases import ReleaseManager
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError
+from agent.core.plan import ClientLayout
+from agent.node.pipeline import HostFacts, Outcome
+from agent.protocol.protocol import (
     AppPresence,
     AppStatus,
     ClientInfo,
@@ -24,7 +25,6 @@ from agent.protocol import (
     Presence,
     StatusRecord,
 )
-from agent.releases import ReleaseManager
 
 
 def now() -> datetime:

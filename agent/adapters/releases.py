@@ -22,8 +22,8 @@ from typing import Any
 
 import structlog
 
-from agent.errors import ConfigError, ReleaseError
-from agent.gitmirror import SHA_RE, GitMirror
+from agent.adapters.gitmirror import SHA_RE, GitMirror
+from agent.core.errors import ConfigError, ReleaseError
 
 log = structlog.get_logger(__name__)
 

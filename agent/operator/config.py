@@ -28,10 +28,11 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from agent.config import BrokerConfig, Model, Name, TlsConfig, parse_config, read_secret
-from agent.errors import ConfigError
-from agent.keys import load_private_key
-from agent.protocol import (
+from agent.adapters.keys import load_private_key
+from agent.core.config import BrokerConfig, Model, Name, TlsConfig, parse_config, read_secret
+from agent.core.errors import ConfigError
+from agent.core.stackconfig import stack_settings
+from agent.protocol.protocol import (
     DEFAULT_TOPIC_PREFIX,
     MAX_PAYLOAD_BYTES,
     Event,
@@ -45,7 +46,6 @@ from agent.protocol import (
     parse_message,
     sign_config,
 )
-from agent.stackconfig import stack_settings
 
 OPERATOR_KEYS = frozenset({"stack", "broker", "key", "issued_by"})
 CONNECT_TIMEOUT = 10.0

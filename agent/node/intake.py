@@ -12,9 +12,9 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.config import AgentConfig
-from agent.errors import CommandRejected
-from agent.protocol import Command, parse_command, verify_command
+from agent.core.config import AgentConfig
+from agent.core.errors import CommandRejected
+from agent.protocol.protocol import Command, parse_command, verify_command
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from agent.errors import ConfigError
+from agent.core.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]

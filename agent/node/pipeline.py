@@ -22,14 +22,14 @@ import psutil
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from agent.buildout import run_buildout
-from agent.config import AgentConfig, AppConfig
-from agent.errors import AgentError, ReleaseError, RestartHalted
-from agent.plan import ClientLayout, Decision, Member, client_layout, decide
-from agent.releases import ReleaseInfo, ReleaseManager
-from agent.render import RenderInput, render_deploy_cfg
-from agent.stackconfig import StackSettings, stack_settings
-from agent.state import AppState, StateStore, atomic_write
+from agent.adapters.buildout import run_buildout
+from agent.adapters.releases import ReleaseInfo, ReleaseManager
+from agent.adapters.state import AppState, StateStore, atomic_write
+from agent.core.config import AgentConfig, AppConfig
+from agent.core.errors import AgentError, ReleaseError, RestartHalted
+from agent.core.plan import ClientLayout, Decision, Member, client_layout, decide
+from agent.core.render import RenderInput, render_deploy_cfg
+from agent.core.stackconfig import StackSettings, stack_settings
 
 log = structlog.get_logger(__name__)
 Status = Literal["succeeded", "failed", "unchanged"]

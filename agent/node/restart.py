@@ -7,10 +7,10 @@ import fnmatch
 from dataclasses import asdict
 from typing import Any
 
-from agent.config import AgentConfig, AppConfig, SupervisorConfig, read_secret
-from agent.plan import ClientLayout
-from agent.rolling import RestartPlan, restart_programs
-from agent.supervisor import SupervisorClient
+from agent.adapters.supervisor import SupervisorClient
+from agent.core.config import AgentConfig, AppConfig, SupervisorConfig, read_secret
+from agent.core.plan import ClientLayout
+from agent.node.rolling import RestartPlan, restart_programs
 
 
 class SupervisorRestarter:

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import structlog
 from supervisor.xmlrpc import Faults, SupervisorTransport, getFaultDescription
 
-from agent.errors import ConfigError, SupervisorError
-from agent.health import POLL_INTERVAL, redact_url
+from agent.adapters.health import POLL_INTERVAL, redact_url
+from agent.core.errors import ConfigError, SupervisorError
 
 log = structlog.get_logger(__name__)
 

@@ -18,17 +18,23 @@ from typing import Any
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from agent import announce, recovery
-from agent.config import AgentConfig
-from agent.errors import AgentError, ConfigError
-from agent.fleet import Debouncer, Fleet
-from agent.intake import Ignored, Rejected, accept
-from agent.keys import load_trusted_keys
-from agent.log import add_sink, remove_sink
-from agent.mqtt import MqttSession, Outgoing
-from agent.pipeline import HostFacts, Outcome, Pipeline
-from agent.plan import client_layout
-from agent.protocol import (
+from agent.adapters.keys import load_trusted_keys
+from agent.adapters.log import add_sink, remove_sink
+from agent.adapters.mqtt import MqttSession, Outgoing
+from agent.adapters.sdnotify import notify, watchdog_interval
+from agent.adapters.state import StateStore
+from agent.adapters.templates import apply_templates
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError, ConfigError
+from agent.core.plan import client_layout
+from agent.core.stackconfig import stack_settings
+from agent.node import announce, recovery
+from agent.node.fleet import Debouncer, Fleet
+from agent.node.intake import Ignored, Rejected, accept
+from agent.node.pipeline import HostFacts, Outcome, Pipeline
+from agent.node.recovery import Work
+from agent.node.restart import restarter_for
+from agent.protocol.protocol import (
     Command,
     InvalidMessage,
     Presence,
@@ -39,12 +45,6 @@ from agent.protocol import (
     parse_message,
     verify_config,
 )
-from agent.recovery import Work
-from agent.restart import restarter_for
-from agent.sdnotify import notify, watchdog_interval
-from agent.stackconfig import stack_settings
-from agent.state import StateStore
-from agent.templates import apply_templates
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.errors import BuildoutFailed
+from agent.core.errors import BuildoutFailed
 
 log = structlog.get_logger(__name__)
 TAIL_LINES = 40

@@ -15,12 +15,12 @@ from typing import Any
 
 import structlog
 
-from agent.announce import app_presence
-from agent.config import AgentConfig
-from agent.errors import AgentError
-from agent.protocol import Command, Presence
-from agent.releases import ReleaseManager
-from agent.state import StateStore
+from agent.adapters.releases import ReleaseManager
+from agent.adapters.state import StateStore
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError
+from agent.node.announce import app_presence
+from agent.protocol.protocol import Command, Presence
 
 log = structlog.get_logger(__name__)
 

@@ -26,11 +26,11 @@ from pydantic import (
     model_validator,
 )
 
-from agent.errors import AgentError, CommandRejected, ConfigError
-from agent.keys import TrustedKeys, by_key_id, fingerprint, sign_bytes, signed_by
-from agent.wire import canonical_json as canonical_json
-from agent.wire import check_json, summarise
-from agent.wire import encode as encode
+from agent.adapters.keys import TrustedKeys, by_key_id, fingerprint, sign_bytes, signed_by
+from agent.core.errors import AgentError, CommandRejected, ConfigError
+from agent.protocol.wire import canonical_json as canonical_json
+from agent.protocol.wire import check_json, summarise
+from agent.protocol.wire import encode as encode
 
 DEFAULT_TOPIC_PREFIX = "deploy-agent"
 MAX_PAYLOAD_BYTES = 64 * 1024

@@ -27,8 +27,8 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from agent.config import BrokerConfig, read_secret
-from agent.errors import ConfigError
+from agent.core.config import BrokerConfig, read_secret
+from agent.core.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 

@@ -22,8 +22,19 @@ from typing import Any, TextIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from agent.errors import ConfigError
-from agent.operator import (
+from agent.core.errors import ConfigError
+from agent.operator.config import (
+    Inbox,
+    OperatorConfig,
+    collect_retained,
+    connect,
+    load_operator_config,
+    load_stack_config,
+    parse_event,
+    parse_retained,
+    signed_stack_config,
+)
+from agent.operator.rollouts import (
     EXIT_NO_INSTANCE,
     EXIT_OK,
     OUTCOME_COLORS,
@@ -41,18 +52,7 @@ from agent.operator import (
     select_targets,
     stop_reason,
 )
-from agent.operator_config import (
-    Inbox,
-    OperatorConfig,
-    collect_retained,
-    connect,
-    load_operator_config,
-    load_stack_config,
-    parse_event,
-    parse_retained,
-    signed_stack_config,
-)
-from agent.protocol import (
+from agent.protocol.protocol import (
     MAX_PAYLOAD_BYTES,
     Command,
     CommandKind,

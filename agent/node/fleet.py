@@ -16,9 +16,9 @@ from typing import Any
 
 import structlog
 
-from agent.plan import Member
-from agent.protocol import ClientInfo, Presence
-from agent.templates import build_context
+from agent.adapters.templates import build_context
+from agent.core.plan import Member
+from agent.protocol.protocol import ClientInfo, Presence
 
 log = structlog.get_logger(__name__)
 
