@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING
 import structlog
 
 from agent import __version__
+from agent.adapters.configfile import load_config
 from agent.adapters.log import configure_logging
-from agent.core.config import AgentConfig, load_config
-from agent.core.errors import AgentError, ConfigError
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError, BrokerUnreachable, ConfigError
+from agent.core.exits import DEFAULT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:  # imported lazily: `config check` should not pay for GitPython
     from agent.node.pipeline import Pipeline
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_NO_INSTANCE = 0, 1, 2, 3, 4
-DEFAULT_CONFIG = "/etc/deploy-agent/agent.yaml"
 log = structlog.get_logger("agent.cli")
 
 
@@ -107,7 +107,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
+    config = load_config(args.file, probe_host=False)
     from agent.core.stackconfig import stack_settings
 
     stack_settings(config.stack_config)
@@ -220,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level=args.log_level, stream=sys.stderr)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, BrokerUnreachable) as exc:
+        # Nothing was sent: fix the configuration or the network and run it again.
         print(f"deploy-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except AgentError as exc:

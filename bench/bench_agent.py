@@ -32,7 +32,7 @@ from agent_helpers import TOPICS, AgentProcess, Operator
 from mosquitto_helpers import running_mosquitto
 from site_helpers import SiteRepo
 
-from agent.protocol.protocol import encode
+from agent.protocol import encode
 
 PAUSE = 0.2  # between commands, so each one meets an idle agent
 

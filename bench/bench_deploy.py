@@ -23,8 +23,9 @@ from bench_common import ms, percentile, quiet_logs
 # isort: split
 from site_helpers import SiteRepo, write_config
 
+from agent.adapters.host import HostFacts
 from agent.core.config import AgentConfig
-from agent.node.pipeline import HostFacts, Pipeline
+from agent.node.pipeline import Pipeline
 
 APP = "zeo-site"
 

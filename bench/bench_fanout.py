@@ -39,7 +39,7 @@ from agent.adapters.mqtt import MqttSession, Outgoing
 from agent.core.config import AgentConfig, InstanceConfig, parse_config
 from agent.node import announce
 from agent.node.intake import Accepted, Ignored, Rejected, accept
-from agent.protocol.protocol import encode
+from agent.protocol import encode
 
 APP = "zeo-site"
 PAUSE = 0.5  # between rounds, so each starts from quiet sockets

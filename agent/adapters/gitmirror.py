@@ -7,26 +7,23 @@ message can never smuggle an option, a range or a path into a git command line.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import git
 import structlog
 
+from agent.core import names
 from agent.core.errors import ConfigError, GitError, RevisionNotFound
+from agent.core.names import SHA_RE
+from agent.core.redact import strip_url_password
 
 log = structlog.get_logger(__name__)
 
-# A ref, tag or sha, never an option, a range, a reflog or a path lookup: the first
-# character is a word character, and '~^:?*[\{' and whitespace cannot appear at all.
-_REV_RE = re.compile(r"\w[\w./+@-]{0,254}")
-_REV_FORBIDDEN = ("..", "//", "/.", "@{", ".lock/")
-SHA_RE = re.compile(r"[0-9a-f]{40}")
 # No terminal prompt (a remote asking for credentials fails instead of hanging) and
 # only plain transports: "ext::" and "fd::" URLs would run commands.
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh"}
@@ -34,25 +31,17 @@ _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ALLOW_PROTOCOL": "file:git:http:htt
 
 def redact_url(url: str) -> str:
     """The repository URL without its password, fit for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-    except ValueError:
-        return "<unparsable repository url>"
+    return strip_url_password(url)
 
 
 def check_revision(value: str) -> None:
     """Refuse anything git could read as an option, a range or a path before it runs."""
-    if (
-        not _REV_RE.fullmatch(value)
-        or any(bad in value for bad in _REV_FORBIDDEN)
-        or value.endswith(("/", ".", ".lock"))
-        or value == "@"
-    ):
-        raise RevisionNotFound(f"invalid revision {value!r}: not a branch, tag or sha")
+    try:
+        names.check_revision(value)
+    except ValueError:
+        raise RevisionNotFound(
+            f"invalid revision {value[:200]!r}: not a branch, tag or sha"
+        ) from None
 
 
 class GitMirror:

@@ -16,7 +16,8 @@ from urllib.parse import SplitResult, urlsplit
 
 import structlog
 
-from agent.core.errors import AgentError, ConfigError
+from agent.core.errors import ConfigError, HealthCheckFailed
+from agent.core.redact import strip_url_password as redact_url
 
 log = structlog.get_logger(__name__)
 
@@ -25,28 +26,6 @@ POLL_INTERVAL = 0.05
 
 PROBE_TIMEOUT = 5.0
 """Upper bound for one probe, so one hung connection cannot eat the whole deadline."""
-
-
-class HealthCheckFailed(AgentError):
-    """Raised when a health URL does not answer 2xx/3xx before its deadline."""
-
-    code = "health-check-failed"
-
-    def __init__(self, message: str, *, url: str, last_error: str) -> None:
-        self.url = url
-        self.last_error = last_error
-        super().__init__(message)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its user:password part, fit for messages and logs."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
-    return parts._replace(netloc=netloc).geturl()
 
 
 def health_url_for(template: str, *, name: str, port: int | None) -> str:

@@ -1,40 +1,31 @@
-"""Ed25519 keys of operators: key files, fingerprints, and signing and checking bytes.
+"""Ed25519 key files of operators: generate, load, and index trusted keys by key id.
 
-Key ids are OpenSSH SHA256 fingerprints, so an operator can compare one with what
-``ssh-keygen -lf alice.pub`` prints. Errors never carry key material, only paths.
+The signatures themselves are ``agent.protocol.signing``. Errors never carry key material,
+only paths.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.core.errors import ConfigError
+from agent.core.errors import KeyFileError
+from agent.protocol.signing import fingerprint
 
 log = structlog.get_logger(__name__)
 
-TrustedKeys = Mapping[str, Ed25519PublicKey] | Sequence[Ed25519PublicKey]
 MAX_KEY_FILE_BYTES = 16 * 1024
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
-
-
-class KeyFileError(ConfigError):
-    """Raised when a key file cannot be read, parsed or written (the message names the path)."""
-
-    code = "key-file-error"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,50 +35,6 @@ class GeneratedKey:
     private_path: Path
     public_path: Path
     key_id: str
-
-
-# --- fingerprints and signatures --------------------------------------------------------
-
-
-def fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
-    """Return the OpenSSH SHA256 fingerprint of a key (of its public half)."""
-    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    line = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    digest = hashlib.sha256(base64.b64decode(line.split()[1])).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-def by_key_id(trusted: TrustedKeys) -> Mapping[str, Ed25519PublicKey]:
-    """Index trusted keys by fingerprint (a mapping is taken as already indexed)."""
-    if isinstance(trusted, Mapping):
-        return trusted
-    return {fingerprint(key): key for key in trusted}
-
-
-def sign_bytes(private_key: Ed25519PrivateKey, data: bytes) -> str:
-    """Return the base64 Ed25519 signature of data."""
-    return base64.b64encode(private_key.sign(data)).decode("ascii")
-
-
-def signed_by(signature: str, data: bytes, trusted: TrustedKeys, key_id: str | None) -> bool:
-    """Tell whether signature over data verifies with a trusted key (key_id's first)."""
-    keys = by_key_id(trusted)
-    try:
-        raw = base64.b64decode(signature, validate=True)
-    except binascii.Error:
-        return False
-    first = keys.get(key_id) if key_id else None
-    candidates = [first] if first else list(keys.values())
-    for key in candidates:
-        try:
-            key.verify(raw, data)
-        except InvalidSignature:
-            continue
-        return True
-    return False
-
-
-# --- key files --------------------------------------------------------------------------
 
 
 def public_key_line(key: Ed25519PublicKey, comment: str = "") -> str:

@@ -8,7 +8,6 @@ Stdlib logging (GitPython, paho) goes through the same processors.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
@@ -16,28 +15,16 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-SECRET_KEY = re.compile(
-    r"(^|_)(pass|passwd|password|secret|token|credentials?|private_key|signature|pem)($|_)", re.I
-)
-REDACTED = "[redacted]"
-URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
+from agent.core.redact import redact_value
 
 #: Called with every event that reaches the output (after redaction), e.g. the MQTT forwarder.
 Sink = Callable[[MutableMapping[str, Any]], None]
 _sinks: list[Sink] = []
 
 
-def strip_url_password(text: str) -> str:
-    """``https://user:secret@host/x`` becomes ``https://user:***@host/x``."""
-    return URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
-
-
 def redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     for key, value in list(event.items()):
-        if SECRET_KEY.search(key):
-            event[key] = REDACTED
-        elif isinstance(value, str) and "://" in value:
-            event[key] = strip_url_password(value)
+        event[key] = redact_value(key, value)
     return event
 
 

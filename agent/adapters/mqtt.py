@@ -17,7 +17,6 @@ import itertools
 import json
 import random
 import socket
-import ssl
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -27,7 +26,9 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from agent.core.config import BrokerConfig, read_secret
+from agent.adapters.configfile import read_secret
+from agent.adapters.tls import client_context
+from agent.core.config import BrokerConfig
 from agent.core.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -54,26 +55,16 @@ class _Entry:
     done: asyncio.Future[bool] | None = None
 
 
-def _tls_context(broker: BrokerConfig) -> ssl.SSLContext | None:
-    """Built once at start-up, so a bad certificate path is a config error, not a retry loop."""
-    if broker.tls is None:
-        return None
-    tls = broker.tls
-    try:
-        context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
-        if tls.cert is not None:
-            context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"broker.tls: cannot load CA, certificate or key: {exc}") from exc
-    return context
-
-
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
 class MqttSession:
-    """Owns the broker connection: reconnects forever, keeps an outbox while it is down."""
+    """Owns the broker connection: reconnects forever, keeps an outbox while it is down.
+
+    One class on purpose: connect, will, subscriptions, outbox, log queue and reconnect
+    share one connection state, and splitting them would spread that state around.
+    """
 
     def __init__(
         self,
@@ -97,7 +88,7 @@ class MqttSession:
         self._subscriptions = list(subscriptions)
         self._clean_session = clean_session
         self._password = read_secret(broker.password_file)
-        self._tls = _tls_context(broker)
+        self._tls = client_context(broker.tls)
         self._max_outbox = max(1, max_outbox)
         self._max_logs = max(1, max_log_queue)
         self._backoff = backoff

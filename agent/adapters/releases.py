@@ -1,6 +1,7 @@
 """One app's code on disk: the git mirror, the release directories, the atomic switch.
 
-Layout (DESIGN.md "On disk"): ``<root>/<app>/{repo.git, releases/<ts>, current, shared}``.
+Layout (docs/architecture.md, "On disk"):
+``<root>/<app>/{repo.git, releases/<ts>, current, shared}``.
 Synchronous on purpose: git and the file system block anyway, so the pipeline calls these
 methods through ``asyncio.to_thread``. Calls for one app must be serialized by the caller
 (``prune`` treats a release without a marker as debris, not as a build in progress).
@@ -22,8 +23,11 @@ from typing import Any
 
 import structlog
 
-from agent.adapters.gitmirror import SHA_RE, GitMirror
+from agent.adapters.files import atomic_write, fsync_dir
+from agent.adapters.gitmirror import GitMirror
+from agent.core.config import AgentConfig
 from agent.core.errors import ConfigError, ReleaseError
+from agent.core.names import SHA_RE
 
 log = structlog.get_logger(__name__)
 
@@ -87,26 +91,20 @@ def _symlinked_parent(release: Path, rel: str) -> PurePosixPath | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class ReleaseManager:
     """Owns ``<root>/<app>``: nothing it creates or removes lies outside that directory."""
+
+    @classmethod
+    def of(cls, config: AgentConfig, app: str) -> ReleaseManager:
+        """The manager of one configured app of this agent."""
+        cfg = config.app(app)
+        return cls(
+            root=config.paths.root,
+            app=app,
+            repository=cfg.repository,
+            keep_releases=cfg.keep_releases,
+            shared_dirs=cfg.shared_dirs,
+        )
 
     def __init__(
         self,
@@ -208,7 +206,7 @@ class ReleaseManager:
         built_at = datetime.now(UTC).isoformat(timespec="seconds")
         marker = {"status": "complete", "sha": sha, "cfg_digest": cfg_digest, "built_at": built_at}
         with _fs(f"mark release {release.name}"):
-            _write_atomic(release / MARKER, json.dumps(marker, sort_keys=True).encode())
+            atomic_write(release / MARKER, json.dumps(marker, sort_keys=True).encode())
 
     def mark_failed(self, release: Path, reason: str) -> None:
         """Record a failed build, kept for inspection until the next prune."""
@@ -224,7 +222,7 @@ class ReleaseManager:
             "failed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         with _fs(f"mark release {release.name}"):
-            _write_atomic(release / MARKER, json.dumps(marker, sort_keys=True).encode())
+            atomic_write(release / MARKER, json.dumps(marker, sort_keys=True).encode())
 
     # -- current, switch, rollback ---------------------------------------------------
 
@@ -241,7 +239,7 @@ class ReleaseManager:
                 os.replace(tmp, self.current_link)
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(self.app_dir)
+            fsync_dir(self.app_dir)
         log.info("releases.switched", app=self.app, release=release.name)
 
     def current(self) -> ReleaseInfo | None:

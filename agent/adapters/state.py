@@ -1,48 +1,25 @@
-"""The agent's memory on disk: what is deployed, which commands ran, which are running.
+"""The agent's memory on disk: what is deployed, which command ids ran, and the newest
+signed stack configuration accepted (docs/architecture.md, "On disk").
 
-Every write is atomic (temp file, fsync, rename, fsync of the directory), so a crash at any
-instant leaves either the old or the new file, never a torn one.
+Every write is atomic, and every read-modify-write holds an exclusive lock on
+``state.json.lock``, so the daemon and a ``deploy --local`` beside it never lose each
+other's updates.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
-import os
-import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.files import atomic_write
 from agent.core.errors import StateError
 
 MAX_PROCESSED_IDS = 1000
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so readers see the old bytes or the new ones, nothing else."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -63,6 +40,8 @@ class AgentState:
     #: issued_at of the last stack configuration applied from the broker: an older one
     #: replayed later is refused.
     config_issued_at: str | None = None
+    #: That configuration itself, so a restart uses it rather than the file's.
+    stack_config: dict[str, Any] | None = None
 
     def remember(self, command_id: str) -> None:
         """Keep the most recent ids only: enough to refuse replays within the skew window."""
@@ -72,12 +51,12 @@ class AgentState:
 
 
 class StateStore:
-    """``<state>/state.json`` and ``<state>/journal/``."""
+    """``<state>/state.json``."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / "state.json"
-        self.journal_dir = directory / "journal"
+        self.lock_path = directory / "state.json.lock"
 
     def load(self) -> AgentState:
         try:
@@ -91,6 +70,7 @@ class StateStore:
             apps=apps,
             processed=list(raw.get("processed", [])),
             config_issued_at=raw.get("config_issued_at"),
+            stack_config=raw.get("stack_config"),
         )
 
     def save(self, state: AgentState) -> None:
@@ -98,36 +78,38 @@ class StateStore:
             "apps": {k: asdict(v) for k, v in sorted(state.apps.items())},
             "processed": state.processed,
             "config_issued_at": state.config_issued_at,
+            "stack_config": state.stack_config,
         }
         try:
             atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
         except OSError as exc:
             raise StateError(f"cannot write state file {self.path}: {exc}") from exc
 
-    def journal(self, command_id: str, entry: dict[str, Any]) -> None:
-        """Record a command before it runs, so a crash mid-run is reported, not lost."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state lock (across processes) for one read-modify-write."""
         try:
-            atomic_write(
-                self.journal_dir / f"{command_id}.json",
-                json.dumps(entry, sort_keys=True, default=str).encode(),
-                mode=0o600,
-            )
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_path, "a+")  # noqa: SIM115 - closed below
         except OSError as exc:
-            raise StateError(f"cannot write journal entry {command_id}: {exc}") from exc
-
-    def finish(self, command_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.journal_dir / f"{command_id}.json").unlink()
-            fsync_dir(self.journal_dir)
-
-    def unfinished(self) -> list[dict[str, Any]]:
-        """Entries left behind by a crash, oldest first."""
-        if not self.journal_dir.is_dir():
-            return []
-        entries = []
-        for path in sorted(self.journal_dir.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            raise StateError(f"cannot lock state file {self.path}: {exc}") from exc
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                entries.append(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError):
-                entries.append({"id": path.stem, "corrupt": True})
-        return entries
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def update(self, change: Callable[[AgentState], None]) -> AgentState:
+        """Load, apply ``change``, save: under the lock, so no concurrent update is lost."""
+        with self.locked():
+            state = self.load()
+            change(state)
+            self.save(state)
+            return state
+
+    def update_app(self, app: str, live: AppState) -> None:
+        self.update(lambda state: state.apps.__setitem__(app, live))
+
+    def remember(self, command_id: str) -> None:
+        self.update(lambda state: state.remember(command_id))

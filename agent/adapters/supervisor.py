@@ -26,33 +26,20 @@ from urllib.parse import urlsplit
 import structlog
 from supervisor.xmlrpc import Faults, SupervisorTransport, getFaultDescription
 
-from agent.adapters.health import POLL_INTERVAL, redact_url
-from agent.core.errors import ConfigError, SupervisorError
+from agent.adapters.health import POLL_INTERVAL
+from agent.core.errors import (
+    ConfigError,
+    ProgramDidNotStart,
+    SupervisorCallFailed,
+    SupervisorError,
+)
+from agent.core.redact import strip_url_password as redact_url
 
 log = structlog.get_logger(__name__)
 
 START_FAILURES = frozenset(
     {Faults.SPAWN_ERROR, Faults.NO_FILE, Faults.NOT_EXECUTABLE, Faults.ABNORMAL_TERMINATION}
 )
-
-
-class SupervisorCallFailed(SupervisorError):
-    """Raised when supervisord rejects a call (an xmlrpc Fault such as BAD_NAME)."""
-
-    def __init__(self, message: str, *, method: str, program: str | None, fault: str) -> None:
-        self.method = method
-        self.program = program
-        self.fault = fault
-        super().__init__(message)
-
-
-class ProgramDidNotStart(SupervisorError):
-    """Raised when a program cannot be spawned or does not reach RUNNING in time."""
-
-    def __init__(self, message: str, *, program: str, state: str | None = None) -> None:
-        self.program = program
-        self.state = state
-        super().__init__(message)
 
 
 @dataclass(frozen=True, kw_only=True)

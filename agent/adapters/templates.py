@@ -24,44 +24,17 @@ import structlog
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from agent.adapters.state import atomic_write
+from agent.adapters.files import atomic_write
 from agent.core.config import TemplateConfig
-from agent.core.errors import AgentError, RenderError
+from agent.core.errors import RenderError, TemplateReloadFailed
 from agent.core.plan import Member
-from agent.protocol.protocol import ClientInfo
+from agent.protocol import ClientInfo
 
 log = structlog.get_logger(__name__)
 
 RELOAD_TIMEOUT = 60.0
 OUTPUT_TAIL_LINES = 20
 DEFAULT_MODE = 0o644
-
-
-class TemplateReloadFailed(AgentError):
-    """Raised when a template's reload command fails or times out; its file is restored."""
-
-    code = "template-reload-failed"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        sources: list[Path],
-        argv: list[str],
-        returncode: int | None,
-        output_tail: list[str],
-        timed_out: bool = False,
-    ) -> None:
-        self.sources = sources
-        self.argv = argv
-        self.returncode = returncode
-        self.output_tail = output_tail
-        self.timed_out = timed_out
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        tail = "\n".join(f"    {line}" for line in self.output_tail)
-        return f"{self.args[0]}\n  last lines of output:\n{tail}" if tail else self.args[0]
 
 
 @dataclass(frozen=True)

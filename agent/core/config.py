@@ -1,21 +1,19 @@
 """The agent's configuration: one YAML file, validated once at start-up, passed everywhere.
 
-The keys are those of DESIGN.md's "Configuration" section (a contract: keys may be added,
+The keys are those of docs/architecture.md, "Configuration" (a contract: keys may be added,
 none renamed). Unknown keys are errors, so a typo never silently falls back to a default.
-Relative paths are resolved against the directory of the configuration file.
+Relative paths are resolved against the directory of the configuration file. Pure: the
+file is read, and the host's name and address filled in, by ``agent.adapters.configfile``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import socket
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import psutil
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,11 +24,8 @@ from pydantic import (
 )
 
 from agent.core.errors import ConfigError
+from agent.core.names import Address, Name, check_revision
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-#: A host name or an IPv4/IPv6 address: what a presence message may carry.
-Address = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.:%_-]{1,253}$")]
 Argv = Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)]
 #: The stack configuration travels as one MQTT payload (64 KiB); leave room for the envelope.
 MAX_STACK_CONFIG = 60 * 1024
@@ -45,22 +40,11 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _default_instance_id() -> str:
-    return socket.gethostname().split(".")[0] or "localhost"
-
-
-def _primary_address() -> str:
-    """First non-loopback IPv4 address of this host; loopback when there is none."""
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return address.address
-    return "127.0.0.1"
-
-
 class InstanceConfig(Model):
-    id: Name = Field(default_factory=_default_instance_id)
-    address: Address = Field(default_factory=_primary_address)
+    #: Defaults for a file that names neither; the loader on the agent's host puts the
+    #: host name and primary address in their place before validation.
+    id: Name = "localhost"
+    address: Address = "127.0.0.1"
     layers: list[Name] = Field(default_factory=list)
 
 
@@ -148,10 +132,15 @@ class AppConfig(Model):
 
     @field_validator("branch", "revision")
     @classmethod
-    def _ref_is_not_an_option(cls, ref: str | None) -> str | None:
-        if ref is not None and (ref.startswith("-") or not re.fullmatch(r"[\w./+-]{1,200}", ref)):
-            raise ValueError(f"{ref!r} is not a valid git branch, tag or sha")
-        return ref
+    def _ref_is_one_revision(cls, ref: str | None) -> str | None:
+        if ref is None:
+            return None
+        try:
+            return check_revision(ref)
+        except ValueError as exc:
+            raise ValueError(
+                f"{ref[:200]!r} is not a valid git branch, tag or sha: {exc}"
+            ) from None
 
 
 class TemplateConfig(Model):
@@ -239,13 +228,28 @@ def _describe(error: ValidationError) -> list[str]:
     return problems
 
 
-def parse_config(data: Any, *, source: str = "<config>", base: Path | None = None) -> AgentConfig:
-    """Validate already-loaded YAML data; every problem is reported with its key path."""
+def parse_config(
+    data: Any,
+    *,
+    source: str = "<config>",
+    base: Path | None = None,
+    instance_defaults: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Validate already-loaded YAML data; every problem is reported with its key path.
+
+    ``instance_defaults`` (``id``, ``address``) fill what ``instance`` leaves out."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the configuration must be a mapping of keys")
     _check_plain_data(data.get("stack_config", {}), source)
     if base is not None:
         _resolve_paths(data, base)
+    if instance_defaults:
+        instance = data.get("instance")
+        if instance is None:
+            instance = data["instance"] = {}
+        if isinstance(instance, dict):
+            for key, value in instance_defaults.items():
+                instance.setdefault(key, value)
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
@@ -280,31 +284,3 @@ def _check_plain_data(value: Any, source: str) -> None:
             f"{source}: stack_config is over {MAX_STACK_CONFIG} bytes as JSON "
             "(it must fit in one broker message)"
         )
-
-
-def load_config(path: Path | str) -> AgentConfig:
-    """Read and validate a YAML configuration file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    except (ValueError, RecursionError) as exc:
-        raise ConfigError(f"{path}: not usable YAML: {str(exc)[:200]}") from exc
-    return parse_config(data, source=str(path), base=path.resolve().parent)
-
-
-def read_secret(path: Path | None) -> str | None:
-    """The first line of a secret file, or None; the value is never logged."""
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").splitlines()[0].strip()
-    except (OSError, IndexError) as exc:
-        raise ConfigError(f"cannot read secret file {path}") from exc

@@ -25,7 +25,8 @@ def decide(
     deployed_cfg: bytes | None,
     always_buildout: bool,
 ) -> Decision:
-    """DESIGN.md step 3: a new release unless revision and deploy.cfg are both unchanged."""
+    """The decision (docs/architecture.md, "The deploy algorithm", step 3): a new release
+    unless revision and deploy.cfg are both unchanged."""
     if target_sha != deployed_sha:
         return "new-revision"
     if new_cfg != deployed_cfg:

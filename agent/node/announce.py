@@ -10,13 +10,14 @@ from typing import Any
 from uuid import UUID
 
 from agent import __version__
-from agent.adapters.log import REDACTED, SECRET_KEY, strip_url_password
+from agent.adapters.host import HostFacts
 from agent.adapters.releases import ReleaseManager
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
+from agent.core.outcome import Outcome
 from agent.core.plan import ClientLayout
-from agent.node.pipeline import HostFacts, Outcome
-from agent.protocol.protocol import (
+from agent.core.redact import jsonable, strip_url_password
+from agent.protocol import (
     AppPresence,
     AppStatus,
     ClientInfo,
@@ -32,15 +33,8 @@ def now() -> datetime:
 
 
 def app_presence(config: AgentConfig, app: str) -> AppPresence | None:
-    cfg = config.apps[app]
     try:
-        mgr = ReleaseManager(
-            root=config.paths.root,
-            app=app,
-            repository=cfg.repository,
-            keep_releases=cfg.keep_releases,
-            shared_dirs=cfg.shared_dirs,
-        )
+        mgr = ReleaseManager.of(config, app)
         current = mgr.current()
     except (AgentError, OSError):
         return None
@@ -51,6 +45,13 @@ def app_presence(config: AgentConfig, app: str) -> AppPresence | None:
     except ValueError:
         built = None
     return AppPresence(release=current.name, revision=current.sha, deployed_at=built)
+
+
+def live_release(config: AgentConfig, app: str | None) -> str | None:
+    if app is None or app not in config.apps:
+        return None
+    info = app_presence(config, app)
+    return info.release if info else None
 
 
 def presence(
@@ -116,22 +117,6 @@ def event(
             "at": now(),
         }
     )
-
-
-def jsonable(value: Any) -> Any:
-    """Details as plain JSON types (paths and the like become strings), with any password
-    in a URL masked and secret-looking keys redacted, as in the logs."""
-    if isinstance(value, dict):
-        return {
-            str(k): REDACTED if SECRET_KEY.search(str(k)) else jsonable(v) for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, str):
-        return strip_url_password(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return strip_url_password(str(value))
 
 
 def result_details(outcome: Outcome) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import structlog
 
 from agent.adapters.templates import build_context
 from agent.core.plan import Member
-from agent.protocol.protocol import ClientInfo, Presence
+from agent.protocol import ClientInfo, Presence
 
 log = structlog.get_logger(__name__)
 

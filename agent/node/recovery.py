@@ -1,91 +1,92 @@
 """What the agent does for itself, with no command: after a crash (journal entries,
 half-built releases, a roll cut short) and on the first start of a new instance.
 
-Functions that decide and return ``Work`` for the daemon's worker; the daemon publishes and
-queues. Kept apart from the daemon so its lifecycle reads on its own.
+``recover`` reads the journal at start-up: a result already decided is sent again, a queued
+command runs again, a command cut short is reported ``interrupted`` and its clients
+repaired. The repair is journaled before the interrupted entry is finished, so a crash
+during the repair leads to the repair again, never to mixed releases reported as current.
 """
 
 from __future__ import annotations
 
-import json
+import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
 
+from agent.adapters.journal import Journal, JournalEntry
 from agent.adapters.releases import ReleaseManager
 from agent.adapters.state import StateStore
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
-from agent.node.announce import app_presence
-from agent.protocol.protocol import Command, Presence
+from agent.node.announce import live_release
+from agent.node.publisher import Publisher
+from agent.node.worker import Work, Worker
+from agent.protocol import Presence
 
 log = structlog.get_logger(__name__)
 
-
-@dataclass(frozen=True)
-class Work:
-    """One unit for the worker: a command, a reconfigure (``command`` None), or work of
-    the agent's own for ``app`` (a repair after a crash, a first deploy)."""
-
-    run_as: str
-    command: Command | None = None
-    reason: str = ""
-    app: str | None = None
-    revision: str | None = None
+INTERRUPTED = (
+    "the agent stopped while this command was running; current was left on a complete release"
+)
 
 
-@dataclass(frozen=True)
-class Unfinished:
-    """A journal entry left by a crash: ``queued`` runs again, ``running`` was cut short."""
+def recover(
+    *,
+    config: AgentConfig,
+    journal: Journal,
+    store: StateStore,
+    publisher: Publisher,
+    worker: Worker,
+    seen: set[str],
+) -> None:
+    """Act on every journal entry a previous run left, then clean half-built releases."""
+    for entry in journal.entries():
+        seen.add(entry.id)
+        if entry.state == "done" and entry.result is not None:
+            log.info("journal.result_resent", command_id=entry.id)
+            worker.deliver(entry.id, publisher.resent(entry.result.encode("utf-8")))
+        elif entry.command is None:
+            log.warning("journal.repair_again", entry=entry.id, reason=entry.reason)
+            worker.put(Work(entry.run_as, None, entry.reason, app=entry.app, journal_id=entry.id))
+        elif entry.state == "queued":
+            log.info("journal.requeued", command_id=entry.id)
+            worker.put(Work(entry.run_as, entry.parsed_command()))
+        else:
+            interrupted(config, journal, store, publisher, worker, entry)
+    check_releases(config)
 
-    command: Command
-    state: str
-    run_as: str
-    release_before: str | None
 
-
-@dataclass(frozen=True)
-class Reported:
-    """A journal entry whose result was decided but maybe not delivered: sent again."""
-
-    command_id: str
-    payload: bytes
-
-
-def reported(store: StateStore) -> Iterator[Reported]:
-    for entry in store.unfinished():
-        if entry.get("state") == "done" and isinstance(entry.get("result"), str):
-            yield Reported(str(entry.get("id")), entry["result"].encode("utf-8"))
-
-
-def unfinished(store: StateStore) -> Iterator[Unfinished]:
-    """The journal's entries of commands not done; a corrupt one is logged and dropped."""
-    for entry in store.unfinished():
-        command_id = str(entry.get("id"))
-        if entry.get("state") == "done":
-            continue
-        try:
-            command = Command.model_validate_json(json.dumps(entry["command"]))
-        except (KeyError, ValueError):
-            log.error("journal.corrupt", command_id=command_id)
-            store.finish(command_id)
-            continue
-        yield Unfinished(
-            command=command,
-            state=str(entry.get("state", "running")),
-            run_as=str(entry.get("run_as", command.kind)),
-            release_before=entry.get("release_before"),
+def interrupted(
+    config: AgentConfig,
+    journal: Journal,
+    store: StateStore,
+    publisher: Publisher,
+    worker: Worker,
+    entry: JournalEntry,
+) -> None:
+    """Report a command cut short, after journaling the repair it needs."""
+    command = entry.parsed_command()
+    assert command is not None
+    log.error("command.interrupted", command_id=entry.id, kind=command.kind)
+    work = repair(config, command.app, entry.release_before)
+    if work is not None and work.journal_id is not None:
+        journal.write(
+            JournalEntry(
+                id=work.journal_id,
+                state="queued",
+                run_as=work.run_as,
+                app=work.app,
+                reason=work.reason,
+            )
         )
-
-
-def live_release(config: AgentConfig, app: str | None) -> str | None:
-    if app is None or app not in config.apps:
-        return None
-    info = app_presence(config, app)
-    return info.release if info else None
+        worker.put(work)
+    result = publisher.result(command, status="interrupted", message=INTERRUPTED)
+    store.remember(entry.id)
+    journal.write(JournalEntry(id=entry.id, state="done", result=result.payload.decode("utf-8")))
+    worker.deliver(entry.id, result)
 
 
 def repair(config: AgentConfig, app: str | None, release_before: str | None) -> Work | None:
@@ -97,7 +98,9 @@ def repair(config: AgentConfig, app: str | None, release_before: str | None) -> 
     moved = live_release(config, app) != release_before
     reason = "current moved: finish the rolling restart" if moved else "restart stopped clients"
     log.warning("journal.repair", app=app, reason=reason)
-    return Work("restart" if moved else "heal", None, reason, app=app)
+    return Work(
+        "restart" if moved else "heal", None, reason, app=app, journal_id=f"repair-{uuid.uuid4()}"
+    )
 
 
 def first_deploys(config: AgentConfig, presences: Iterable[Presence]) -> list[Work]:
@@ -125,15 +128,9 @@ def stack_revision(presences: Iterable[Presence], app: str) -> str | None:
 def check_releases(config: AgentConfig) -> dict[str, Any]:
     """Remove half-built releases and say when ``current`` is broken, for every app."""
     report: dict[str, Any] = {}
-    for app, cfg in sorted(config.apps.items()):
+    for app in sorted(config.apps):
         try:
-            mgr = ReleaseManager(
-                root=config.paths.root,
-                app=app,
-                repository=cfg.repository,
-                keep_releases=cfg.keep_releases,
-                shared_dirs=cfg.shared_dirs,
-            )
+            mgr = ReleaseManager.of(config, app)
             removed = mgr.clean_incomplete()
             current = mgr.current()
         except (AgentError, OSError) as exc:

@@ -1,16 +1,33 @@
-"""The pipeline's restart step, filled by supervisord: the app's restart settings become a
-``RestartPlan`` for ``agent.supervisor``."""
+"""The pipeline's restart step: the ``Restarter`` port, and its supervisord implementation
+(the app's restart settings become a ``RestartPlan`` for ``agent.node.rolling``)."""
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
+from agent.adapters.configfile import read_secret
 from agent.adapters.supervisor import SupervisorClient
-from agent.core.config import AgentConfig, AppConfig, SupervisorConfig, read_secret
+from agent.core.config import AgentConfig, AppConfig, SupervisorConfig
 from agent.core.plan import ClientLayout
 from agent.node.rolling import RestartPlan, restart_programs
+
+
+class Restarter(Protocol):
+    """Fills the restart step; ``only`` limits it to some programs. Fast tests pass a fake."""
+
+    async def restart(
+        self,
+        *,
+        app: str,
+        config: AppConfig,
+        layout: ClientLayout,
+        restart_delay: float,
+        only: list[str] | None = None,
+    ) -> dict[str, Any]: ...
+
+    async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]: ...
 
 
 class SupervisorRestarter:

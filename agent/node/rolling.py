@@ -1,4 +1,5 @@
-"""The health-gated restart of DESIGN.md "Restarts", on top of ``agent.supervisor``.
+"""The health-gated restart (docs/architecture.md, "Restarts"), on top of
+``agent.adapters.supervisor``.
 
 Programs are restarted one at a time (stop, start, RUNNING, health URL, ``restart_delay``);
 supervisord configuration changes are applied one group at a time, as ``supervisorctl
@@ -16,16 +17,15 @@ from typing import Any, Literal
 
 import structlog
 
-from agent.adapters.health import HealthCheckFailed, health_url_for, wait_healthy
+from agent.adapters.health import health_url_for, wait_healthy
 from agent.adapters.supervisor import (
     ConfigDiff,
     ProcessInfo,
-    ProgramDidNotStart,
     SupervisorClient,
     match_programs,
     natural_key,
 )
-from agent.core.errors import ConfigError, RestartHalted
+from agent.core.errors import ConfigError, HealthCheckFailed, ProgramDidNotStart, RestartHalted
 
 log = structlog.get_logger(__name__)
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from agent.core.errors import ConfigError
+from agent.core.exits import DEFAULT_CONFIG, EXIT_NO_INSTANCE, EXIT_OK
 from agent.operator.config import (
     Inbox,
     OperatorConfig,
@@ -34,25 +35,25 @@ from agent.operator.config import (
     parse_retained,
     signed_stack_config,
 )
-from agent.operator.rollouts import (
-    EXIT_NO_INSTANCE,
-    EXIT_OK,
+from agent.operator.display import (
     OUTCOME_COLORS,
-    Batch,
     LogFilter,
-    Progress,
-    RunReport,
-    Tracker,
     clean,
     paint,
-    plan_batches,
     render_log,
     render_status,
     render_summary,
+)
+from agent.operator.rollouts import (
+    Batch,
+    Progress,
+    RunReport,
+    Tracker,
+    plan_batches,
     select_targets,
     stop_reason,
 )
-from agent.protocol.protocol import (
+from agent.protocol import (
     MAX_PAYLOAD_BYTES,
     Command,
     CommandKind,
@@ -64,7 +65,6 @@ from agent.protocol.protocol import (
     sign_command,
 )
 
-DEFAULT_CONFIG = "/etc/deploy-agent/agent.yaml"
 LOGS_SECONDS = 2.0
 
 

@@ -14,7 +14,6 @@ import asyncio
 import getpass
 import secrets
 import socket
-import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,16 +27,18 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from agent.adapters.configfile import read_secret
 from agent.adapters.keys import load_private_key
-from agent.core.config import BrokerConfig, Model, Name, TlsConfig, parse_config, read_secret
-from agent.core.errors import ConfigError
+from agent.adapters.tls import client_context
+from agent.core.config import BrokerConfig, Model, TlsConfig, parse_config
+from agent.core.errors import BrokerUnreachable, ConfigError
+from agent.core.names import Label, Name
 from agent.core.stackconfig import stack_settings
-from agent.protocol.protocol import (
+from agent.protocol import (
     DEFAULT_TOPIC_PREFIX,
     MAX_PAYLOAD_BYTES,
     Event,
     InvalidMessage,
-    Label,
     Presence,
     SignedConfig,
     StatusRecord,
@@ -53,12 +54,6 @@ QUIET_SECONDS = 0.5  # retained messages arrive in a burst right after SUBACK
 RETAINED_LIMIT = 5.0
 ENV_BROKER, ENV_STACK = "DEPLOY_AGENT_BROKER", "DEPLOY_AGENT_STACK"
 ENV_KEY, ENV_PREFIX = "DEPLOY_AGENT_KEY", "DEPLOY_AGENT_TOPIC_PREFIX"
-
-
-class BrokerUnreachable(ConfigError):
-    """Raised when the broker cannot be reached, refuses the operator or drops the session."""
-
-    code = "broker-unreachable"
 
 
 class OperatorFile(Model):
@@ -203,16 +198,6 @@ def load_operator_config(
     )
 
 
-def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
-    try:
-        context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
-        if tls.cert:
-            context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the broker TLS files: {exc}") from exc
-    return context
-
-
 @asynccontextmanager
 async def connect(config: OperatorConfig) -> AsyncIterator[aiomqtt.Client]:
     """A connected clean session; any broker failure becomes one BrokerUnreachable."""
@@ -226,7 +211,7 @@ async def connect(config: OperatorConfig) -> AsyncIterator[aiomqtt.Client]:
         clean_session=True,
         keepalive=broker.keepalive,
         timeout=CONNECT_TIMEOUT,
-        tls_context=_tls_context(broker.tls) if broker.tls else None,
+        tls_context=client_context(broker.tls),
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
     connected = False
