@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from agent_helpers import AgentProcess, Operator, events, wait_results
-from fault_helpers import FAULT_RUNS, LogFollower, Precious, Tally, app_dir, kill_tree
-from mosquitto_helpers import Collector, running_mosquitto
-from site_helpers import SiteRepo
-from supervisord_helpers import Supervisord, running_supervisord
+from fault_helpers import FAULT_RUNS, app_dir
+from support.agents import AgentProcess, Operator, events, wait_results
+from support.broker import Collector, running_mosquitto
+from support.site import SiteRepo
+from support.supervisord import Supervisord, running_supervisord
+from support.tally import FaultTally, Precious
 
-from agent.protocol.protocol import Command
+from agent.protocol import Command
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +116,7 @@ class KillRun:
         """Send the deploy, kill at the trigger; a buildout kill also strands a queued one."""
         trigger = TRIGGERS[at]
         live = (app_dir(self.agent) / "current").resolve()
-        follower = LogFollower(self.agent)
+        follower = self.agent.follow()
         command = self.operator.command("deploy")
         self.operator.send(command)
         queued = None
@@ -126,7 +127,7 @@ class KillRun:
             self.operator.send(queued)
             follower.wait_for("command.queued", command_id=str(queued.id))
         follower.wait_for(trigger.event, nth=nth, command_id=str(command.id), **dict(trigger.match))
-        kill_tree(self.agent)
+        self.agent.kill_tree()
         where = follower.last_phase()
         if at == "switch":
             moved = (app_dir(self.agent) / "current").resolve() != live
@@ -173,7 +174,7 @@ def test_sigkill_at_every_phase_keeps_current_complete_data_intact_and_commands_
     seed = int(os.environ.get("FAULT_SEED", str(time.time_ns() % 1_000_000)))
     rng = random.Random(seed)
     phases = [list(TRIGGERS)[n % len(TRIGGERS)] for n in range(FAULT_RUNS)]
-    tally = Tally("kills")
+    tally = FaultTally("kills")
     landed: Counter[str] = Counter()
     reported: Counter[str] = Counter()
     states: Counter[str] = Counter()
@@ -191,12 +192,10 @@ def test_sigkill_at_every_phase_keeps_current_complete_data_intact_and_commands_
     ):
         operator = Operator.create(broker.port, tmp_path / "operator")
         agent = AgentProcess.create(
-            tmp_path / "web-1",
-            "web-1",
+            tmp_path,
             port=broker.port,
             repo=site_repo,
             operator=operator,
-            address="127.0.0.2",
             layers=["plone_instances", "zeoserver"],
             clients=1,
             membership_debounce=0.2,

@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_helpers import TOPICS, AgentProcess, Operator, wait_results
-from fault_helpers import Precious, Tally, app_dir
-from mosquitto_helpers import Collector, Mosquitto, retained, running_mosquitto
-from site_helpers import SiteRepo
+from fault_helpers import app_dir
+from support.agents import TOPICS, AgentProcess, Operator, wait_results
+from support.broker import Collector, Mosquitto, retained, running_mosquitto
+from support.processes import wait_until
+from support.site import SiteRepo
+from support.tally import FaultTally, Precious
 
-from agent.protocol.protocol import Presence, parse_message
+from agent.protocol import Presence, parse_message
 
 pytestmark = pytest.mark.slow
 OUTAGE = 2.0  # seconds the broker stays down
@@ -27,18 +29,21 @@ def wait_online(
     broker: Mosquitto, agent: AgentProcess, connections_at_least: int, timeout: float = 30
 ) -> Presence:
     """The retained presence, once the agent reconnected and republished it."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def online() -> Presence | None:
         try:
             presence = parse_message(
                 Presence, retained(broker.port, TOPICS.instance(agent.name), timeout=2).payload
             )
-            if presence.state == "online" and connections(agent) >= connections_at_least:
-                return presence
         except (TimeoutError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"presence never back online: {agent.tail()}"
-        time.sleep(0.3)
+            return None
+        if presence.state == "online" and connections(agent) >= connections_at_least:
+            return presence
+        return None
+
+    return wait_until(
+        online, timeout, lambda: f"presence never back online: {agent.tail()}", interval=0.3
+    )
 
 
 def outage(broker: Mosquitto) -> None:
@@ -50,7 +55,7 @@ def outage(broker: Mosquitto) -> None:
 def test_broker_sigkill_while_idle_and_mid_deploy_loses_no_result_and_presence_comes_back(
     tmp_path: Path, site_repo: SiteRepo
 ) -> None:
-    tally = Tally("broker kills")
+    tally = FaultTally("broker kills")
     with (
         running_mosquitto(tmp_path / "broker") as broker,
         Collector(
@@ -61,14 +66,7 @@ def test_broker_sigkill_while_idle_and_mid_deploy_loses_no_result_and_presence_c
         ) as seen,
     ):
         operator = Operator.create(broker.port, tmp_path / "operator")
-        agent = AgentProcess.create(
-            tmp_path / "web-1",
-            "web-1",
-            port=broker.port,
-            repo=site_repo,
-            operator=operator,
-            address="127.0.0.2",
-        )
+        agent = AgentProcess.create(tmp_path, port=broker.port, repo=site_repo, operator=operator)
         app = app_dir(agent)
         agent.start()
         try:

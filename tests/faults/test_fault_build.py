@@ -14,11 +14,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fault_helpers import Precious, Tally
-from site_helpers import SiteRepo, write_config
+from support.site import SiteRepo, write_config
+from support.tally import FaultTally, Precious
 
+from agent.adapters.host import HostFacts
 from agent.core.config import AgentConfig
-from agent.node.pipeline import HostFacts, Outcome, Pipeline
+from agent.core.outcome import Outcome
+from agent.node.pipeline import Pipeline
 
 APP = "zeo-site"
 FACTS = HostFacts(cpu_count=2, memory_mb=4096)
@@ -32,7 +34,7 @@ def current_name(config: AgentConfig) -> str:
     return (config.paths.root / APP / "current").resolve().name
 
 
-async def attempt(pipeline: Pipeline, tally: Tally) -> Outcome | None:
+async def attempt(pipeline: Pipeline, tally: FaultTally) -> Outcome | None:
     """One deploy under a fault; an exception instead of an Outcome is a crash."""
     tally.tried += 1
     try:
@@ -93,7 +95,7 @@ async def test_disk_full_fails_the_deploy_at_any_step_and_leaves_current_untouch
     config = write_config(tmp_path, site_repo)
     pipeline = Pipeline(config, facts=FACTS)
     app = config.paths.root / APP
-    tally = Tally("disk-full deploys")
+    tally = FaultTally("disk-full deploys")
     messages = []
     with small_disk(app) as how:
         first = await pipeline.deploy(APP)
@@ -135,7 +137,7 @@ async def test_unreachable_git_remote_is_a_git_error_and_nothing_is_switched(
 ) -> None:
     config = write_config(tmp_path, site_repo)
     pipeline = Pipeline(config, facts=FACTS)
-    tally = Tally("unreachable remotes")
+    tally = FaultTally("unreachable remotes")
     first = await pipeline.deploy(APP)
     assert first.status == "succeeded", first.message
     app = config.paths.root / APP
@@ -187,7 +189,7 @@ async def test_buildout_hanging_past_its_timeout_is_killed_with_its_group_and_fa
     tmp_path: Path, site_repo: SiteRepo
 ) -> None:
     config = write_config(tmp_path, site_repo)
-    tally = Tally("hanging buildouts")
+    tally = FaultTally("hanging buildouts")
     first = await Pipeline(config, facts=FACTS).deploy(APP)
     assert first.status == "succeeded", first.message
     app = config.paths.root / APP

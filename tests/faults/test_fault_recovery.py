@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from agent_helpers import APP, AgentProcess, Operator, wait_results
-from components import IN_CI
-from fault_helpers import LogFollower, kill_tree
-from mosquitto_helpers import Collector, running_mosquitto
-from site_helpers import SiteRepo, write_config
-from supervisord_helpers import running_supervisord
+from support.agents import APP, AgentProcess, Operator, wait_results
+from support.broker import Collector, running_mosquitto
+from support.components import IN_CI
+from support.processes import wait_until
+from support.site import SiteRepo, write_config
+from support.supervisord import Supervisord, running_supervisord
 
-from agent.node.pipeline import HostFacts, Pipeline
+from agent.adapters.host import HostFacts
+from agent.node.pipeline import Pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,10 @@ async def test_releases_on_another_filesystem_than_the_mirror_still_deploy(
         assert outcome.status == "succeeded", outcome.message
 
 
+def client1_state(sv: Supervisord) -> str:
+    return str(sv.call("getProcessInfo", "client1:client1")["statename"])
+
+
 def test_a_client_stopped_by_a_killed_roll_runs_again_after_the_agent_restarts(
     tmp_path: Path, site_repo: SiteRepo
 ) -> None:
@@ -65,12 +69,10 @@ def test_a_client_stopped_by_a_killed_roll_runs_again_after_the_agent_restarts(
     ):
         operator = Operator.create(broker.port, tmp_path / "operator")
         agent = AgentProcess.create(
-            tmp_path / "web-1",
-            "web-1",
+            tmp_path,
             port=broker.port,
             repo=site_repo,
             operator=operator,
-            address="127.0.0.2",
             layers=["plone_instances", "zeoserver"],
             clients=1,
             supervisor={"url": sv.url},
@@ -84,22 +86,20 @@ def test_a_client_stopped_by_a_killed_roll_runs_again_after_the_agent_restarts(
             site_repo.commit({"VERSION": "2\n"})
             second = operator.command("deploy")
             operator.send(second)
-            LogFollower(agent).wait_for("pipeline.phase", phase="restart", status="started")
-            deadline = time.monotonic() + 30
-            while sv.call("getProcessInfo", "client1:client1")["statename"] == "RUNNING":
-                assert time.monotonic() < deadline, "client1 was never stopped"
-                time.sleep(0.005)
-            kill_tree(agent)  # the agent dies waiting for the stop: start is never sent
+            agent.follow().wait_for("pipeline.phase", phase="restart", status="started")
+            wait_until(
+                lambda: client1_state(sv) != "RUNNING", 30, "client1 was never stopped", 0.005
+            )
+            agent.kill_tree()  # the agent dies waiting for the stop: start is never sent
             agent.start()
             agent.wait_logged("mqtt.connected")
             assert wait_results(seen, second, {"web-1"})["web-1"].status == "interrupted"
             same = operator.command("deploy")  # same revision, same cfg: nothing to do
             operator.send(same)
             assert wait_results(seen, same, {"web-1"})["web-1"].status == "unchanged"
-            deadline = time.monotonic() + 15
-            while sv.call("getProcessInfo", "client1:client1")["statename"] != "RUNNING":
-                assert time.monotonic() < deadline, "client1 is still down after recovery"
-                time.sleep(0.2)
+            wait_until(
+                lambda: client1_state(sv) == "RUNNING", 15, "client1 is still down after recovery"
+            )
         finally:
             agent.stop(timeout=30)
 

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from agent.core.config import parse_config
 from agent.node.daemon import Daemon
-from agent.protocol.protocol import Topics
+from agent.protocol import Topics
 
 
 @dataclass
@@ -45,9 +45,9 @@ class InProcessAgent:
         return (
             dict(d.stack_config),
             d.fleet.signature(),
-            d.queue.qsize(),
+            d.worker.queue.qsize(),
             frozenset(d.seen),
-            d.configure_queued,
+            d.worker.configure_queued,
             d.reconfigure.pending,
         )
 

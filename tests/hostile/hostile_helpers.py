@@ -1,13 +1,11 @@
 """Shared pieces of the hostile-input suite: keys, a real agent configuration, signed
-commands, hypothesis strategies for hostile values, and the per-file tally."""
+commands and hypothesis strategies for hostile values (the per-file tally is
+support.tally.HostileTally)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,11 +14,10 @@ from uuid import uuid4
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from summaries import HOSTILE_COUNTERS, hostile_line
 
-from agent.adapters.keys import fingerprint, public_key_line
+from agent.adapters.keys import public_key_line
 from agent.core.config import AgentConfig, parse_config
-from agent.protocol.protocol import Command, sign_command
+from agent.protocol import Command, fingerprint, sign_command
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 STACK = "mysite"
@@ -109,51 +106,6 @@ def examples(default: int) -> settings:
             HealthCheck.function_scoped_fixture,
         ],
     )
-
-
-# -- counting ------------------------------------------------------------------------------
-
-
-@dataclass
-class Tally:
-    """What one test file tried; a crash or a wrong acceptance also fails its test."""
-
-    tried: int = 0
-    crashed: int = 0
-    wrongly_accepted: int = 0
-    known_bugs: int = 0
-    expect_bug: bool = False  # set per test: it is marked xfail for a known bug
-
-    @contextlib.contextmanager
-    def attempt(self) -> Iterator[None]:
-        """One hostile input: anything raised inside counts as a crash (and propagates)."""
-        self.tried += 1
-        try:
-            yield
-        except Exception:
-            if self.expect_bug:
-                self.known_bugs += 1
-            else:
-                self.crashed += 1
-            raise
-
-    def refuse(self, accepted: bool, what: str) -> None:
-        """Fail (and count) when a hostile input was accepted."""
-        if accepted and self.expect_bug:
-            self.known_bugs += 1
-            raise AssertionError(f"accepted (known bug): {what}")
-        if accepted:
-            self.wrongly_accepted += 1
-            raise AssertionError(f"accepted when it should not be: {what}")
-
-    def counts(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in HOSTILE_COUNTERS}
-
-    def summary(self) -> str:
-        return hostile_line(self.counts())
-
-
-TALLIES: dict[str, Tally] = {}
 
 
 # -- configuration and commands -------------------------------------------------------------

@@ -15,7 +15,6 @@ from hostile_helpers import (
     GIT_OPTIONS,
     GIT_REVISION_TRICKS,
     PATH_TRAVERSALS,
-    Tally,
     config_data,
     examples,
     json_values,
@@ -23,13 +22,15 @@ from hostile_helpers import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from support.tally import HostileTally
 
+from agent.adapters.configfile import load_config
 from agent.adapters.gitmirror import check_revision
-from agent.core.config import AgentConfig, load_config, parse_config
+from agent.core.config import AgentConfig, parse_config
 from agent.core.errors import ConfigError, RevisionNotFound
 from agent.core.stackconfig import stack_settings
 from agent.node.daemon import Daemon
-from agent.protocol.protocol import canonical_json
+from agent.protocol import canonical_json
 
 BASE = Path("/nonexistent/hostile")
 SECTION_KEYS = {
@@ -62,7 +63,7 @@ APP_KEYS = [
 TEMPLATE_KEYS = ["source", "destination", "reload", "layers"]
 
 
-def outcome(tally: Tally, run: Any) -> AgentConfig | ConfigError:
+def outcome(tally: HostileTally, run: Any) -> AgentConfig | ConfigError:
     """Run a parse; only AgentConfig or ConfigError may come out."""
     with tally.attempt():
         try:
@@ -108,7 +109,7 @@ config_like = st.fixed_dictionaries(
 @examples(100)
 @given(config_like, st.booleans())
 def test_parse_config_on_arbitrary_data_gives_a_config_or_a_config_error(
-    tally: Tally, data: dict[str, Any], with_base: bool
+    tally: HostileTally, data: dict[str, Any], with_base: bool
 ) -> None:
     outcome(tally, lambda: parse_config(data, base=BASE if with_base else None))
 
@@ -116,7 +117,7 @@ def test_parse_config_on_arbitrary_data_gives_a_config_or_a_config_error(
 @examples(100)
 @given(json_values)
 def test_parse_config_on_any_json_value_gives_a_config_or_a_config_error(
-    tally: Tally, data: Any
+    tally: HostileTally, data: Any
 ) -> None:
     outcome(tally, lambda: parse_config(data, base=BASE))
 
@@ -157,7 +158,7 @@ yaml_texts = st.one_of(
 @examples(200)
 @given(yaml_texts)
 def test_load_config_on_arbitrary_yaml_text_gives_a_config_or_a_config_error(
-    tally: Tally, tmp_path_factory: pytest.TempPathFactory, text: str
+    tally: HostileTally, tmp_path_factory: pytest.TempPathFactory, text: str
 ) -> None:
     path = tmp_path_factory.getbasetemp() / "hostile-config.yaml"
     path.write_text(text, encoding="utf-8")
@@ -189,7 +190,7 @@ def test_load_config_on_arbitrary_yaml_text_gives_a_config_or_a_config_error(
     ],
 )
 def test_load_config_on_crafted_files_gives_a_config_or_a_config_error(
-    tally: Tally, tmp_path: Path, contents: bytes
+    tally: HostileTally, tmp_path: Path, contents: bytes
 ) -> None:
     path = tmp_path / "agent.yaml"
     path.write_bytes(contents)
@@ -201,7 +202,9 @@ def test_load_config_on_crafted_files_gives_a_config_or_a_config_error(
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
 
 
-def test_a_large_config_file_is_refused_or_parsed_quickly(tally: Tally, tmp_path: Path) -> None:
+def test_a_large_config_file_is_refused_or_parsed_quickly(
+    tally: HostileTally, tmp_path: Path
+) -> None:
     path = tmp_path / "agent.yaml"
     path.write_text("stack: s\nstack_config:\n" + "".join(f"  k{i}: {i}\n" for i in range(5000)))
     started = time.monotonic()
@@ -231,7 +234,7 @@ def test_a_large_config_file_is_refused_or_parsed_quickly(tally: Tally, tmp_path
     ],
 )
 def test_unsafe_app_names_instance_ids_and_layers_are_refused(
-    tally: Tally, tmp_path: Path, name: str
+    tally: HostileTally, tmp_path: Path, name: str
 ) -> None:
     data = config_data(tmp_path)
     for where, change in (
@@ -250,7 +253,7 @@ def test_unsafe_app_names_instance_ids_and_layers_are_refused(
 )
 @pytest.mark.parametrize("key", ["branch", "revision"])
 def test_branch_and_revision_that_git_could_misread_are_refused(
-    tally: Tally, tmp_path: Path, key: str, ref: str
+    tally: HostileTally, tmp_path: Path, key: str, ref: str
 ) -> None:
     data = config_data(tmp_path)
     data["apps"]["mysite"] = {**data["apps"]["mysite"], key: ref}
@@ -264,7 +267,7 @@ def test_branch_and_revision_that_git_could_misread_are_refused(
     "shared", ["../../etc", "/etc", "var/../../x", "..", "a\x00b", "", "var/log/../../../x", "/"]
 )
 def test_shared_dirs_outside_the_release_are_refused(
-    tally: Tally, tmp_path: Path, shared: str
+    tally: HostileTally, tmp_path: Path, shared: str
 ) -> None:
     data = config_data(tmp_path)
     data["apps"]["mysite"] = {**data["apps"]["mysite"], "shared_dirs": [shared]}
@@ -274,7 +277,7 @@ def test_shared_dirs_outside_the_release_are_refused(
 
 @pytest.mark.parametrize("address", ["10.0.0.1 evil", "a\nb", "${x}", "[evil]", "a" * 300])
 def test_an_instance_address_presence_cannot_carry_is_a_config_error(
-    tally: Tally, tmp_path: Path, address: str
+    tally: HostileTally, tmp_path: Path, address: str
 ) -> None:
     data = config_data(tmp_path) | {"broker": {"host": "127.0.0.1", "port": 1}}
     data["instance"] = {**data["instance"], "address": address}

@@ -7,15 +7,13 @@ running, and neither its retained presence nor deploy.cfg shows a trace of the b
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from agent_helpers import (
+from support.agents import (
     APP,
     STACK,
     TOPICS,
@@ -25,16 +23,18 @@ from agent_helpers import (
     results,
     running_agents,
 )
-from agent_helpers import wait_results as wait_for_results
-from hostile_helpers import Tally
-from mosquitto_helpers import Collector, publish, retained, running_mosquitto
-from site_helpers import REPO, SiteRepo
+from support.agents import wait_results as wait_for_results
+from support.broker import Collector, publish, retained
+from support.processes import wait_until
+from support.site import REPO, SiteRepo
+from support.tally import HostileTally
 
-from agent.adapters.keys import fingerprint, load_private_key
-from agent.protocol.protocol import (
+from agent.adapters.keys import load_private_key
+from agent.protocol import (
     Presence,
     SignedConfig,
     encode,
+    fingerprint,
     parse_message,
     sign_command,
     sign_config,
@@ -43,17 +43,6 @@ from agent.protocol.protocol import (
 pytestmark = pytest.mark.slow
 EVIL_ADDRESS = "6.6.6.6"
 MARKERS = ("6.6.6.6", "PWNED", "evil", "[buildout]\nparts")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Any]:
-    with running_mosquitto(tmp_path / "broker") as broker:
-        yield broker
-
-
-@pytest.fixture
-def operator(broker: Any, tmp_path: Path) -> Operator:
-    return Operator.create(broker.port, tmp_path / "operator")
 
 
 def cmd(operator: Operator, **fields: Any) -> dict[str, Any]:
@@ -158,25 +147,11 @@ def hostile_presences() -> list[tuple[str, bytes]]:
     ]
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-
-
 def test_a_burst_of_hostile_messages_is_rejected_and_the_agent_keeps_serving(
-    tally: Tally, tmp_path: Path, broker: Any, operator: Operator, site_repo: SiteRepo
+    tally: HostileTally, tmp_path: Path, broker: Any, operator: Operator, site_repo: SiteRepo
 ) -> None:
     stranger = Operator.create(broker.port, tmp_path / "stranger")
-    agent = AgentProcess.create(
-        tmp_path / "web-1",
-        "web-1",
-        port=broker.port,
-        repo=site_repo,
-        operator=operator,
-        address="127.0.0.2",
-    )
+    agent = AgentProcess.create(tmp_path, port=broker.port, repo=site_repo, operator=operator)
     commands = hostile_commands(operator, stranger)
     configs = hostile_configs(operator, stranger)
     presences = hostile_presences()
@@ -230,16 +205,9 @@ def test_a_burst_of_hostile_messages_is_rejected_and_the_agent_keeps_serving(
 
 
 def test_a_signed_config_with_an_absurd_client_count_does_not_kill_the_agent(
-    tally: Tally, tmp_path: Path, broker: Any, operator: Operator, site_repo: SiteRepo
+    tally: HostileTally, tmp_path: Path, broker: Any, operator: Operator, site_repo: SiteRepo
 ) -> None:
-    agent = AgentProcess.create(
-        tmp_path / "web-1",
-        "web-1",
-        port=broker.port,
-        repo=site_repo,
-        operator=operator,
-        address="127.0.0.2",
-    )
+    agent = AgentProcess.create(tmp_path, port=broker.port, repo=site_repo, operator=operator)
     absurd = SignedConfig(
         payload={"plone_instances": {"per_cpu": 1000}},
         stack=STACK,

@@ -10,9 +10,11 @@ pipeline), config ``branch``/``revision``/``repository``/``shared_dirs``, app na
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,21 @@ from hostile_helpers import (
     GIT_REVISION_TRICKS,
     INI_INJECTIONS,
     PATH_TRAVERSALS,
-    Tally,
     config_data,
+    examples,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from support.tally import HostileTally
 
+from agent.adapters.gitmirror import check_revision as check_git_revision
 from agent.adapters.releases import ReleaseManager
-from agent.core.config import parse_config
-from agent.node.pipeline import Outcome, Pipeline
+from agent.core.config import AppConfig, parse_config
+from agent.core.errors import ConfigError
+from agent.core.outcome import Outcome
+from agent.node.pipeline import Pipeline
+from agent.protocol import Command
 
 pytestmark = pytest.mark.slow
 ODD_BUT_VALID = ["HEAD", "FETCH_HEAD", "refs/heads/main", "a" * 200, "no/such/branch", "main"]
@@ -130,7 +140,7 @@ def assert_confined(sandbox: Path, before: set[str]) -> None:
     assert not Path("/tmp/PWNED").exists() and not Path("PWNED").exists()
 
 
-async def run(tally: Tally, action: Any) -> Outcome:
+async def run(tally: HostileTally, action: Any) -> Outcome:
     with tally.attempt():
         outcome = await action
     assert isinstance(outcome, Outcome)
@@ -138,7 +148,7 @@ async def run(tally: Tally, action: Any) -> Outcome:
 
 
 async def test_hostile_local_revisions_never_reach_git_as_options_or_escape_the_app_root(
-    tally: Tally, sandbox: Path, upstream: Path
+    tally: HostileTally, sandbox: Path, upstream: Path
 ) -> None:
     pipe = pipeline(sandbox, upstream)
     assert (await pipe.deploy("mysite", revision="main")).status == "failed"  # buildout: false
@@ -157,21 +167,48 @@ async def test_hostile_local_revisions_never_reach_git_as_options_or_escape_the_
 
 
 @pytest.mark.parametrize("key", ["branch", "revision"])
-async def test_config_refs_that_slip_past_config_validation_are_refused_before_git(
-    tally: Tally, sandbox: Path, upstream: Path, key: str
+def test_config_refuses_the_refs_git_would_misread(
+    tally: HostileTally, sandbox: Path, upstream: Path, key: str
 ) -> None:
-    before = snapshot(sandbox)
-    slipped = ["HEAD..main", "a...b", "main.lock", "x/.hidden", "x//y", "+refs/heads/main"]
-    for ref in slipped:
-        pipe = pipeline(sandbox, upstream, **{key: ref})
-        outcome = await run(tally, pipe.deploy("mysite"))
-        tally.refuse(outcome.status != "failed", f"{key} {ref!r}: {outcome.message}")
-    assert_never_an_option(sandbox, slipped)
-    assert_confined(sandbox, before)
+    """One revision grammar: what used to slip past the configuration into git (a range,
+    a forced refspec, a lock file, a hidden path) is refused with its key path."""
+    for ref in ["HEAD..main", "a...b", "main.lock", "x/.hidden", "x//y", "+refs/heads/main"]:
+        tally.tried += 1
+        with pytest.raises(ConfigError) as refused:
+            pipeline(sandbox, upstream, **{key: ref})
+        assert f"apps.mysite.{key}" in str(refused.value)
+
+
+@examples(300)
+@given(text=st.text(alphabet=st.sampled_from("ab09._/+-@{}^~: \n"), min_size=1, max_size=12))
+def test_whatever_the_config_accepts_the_wire_and_git_accept_too(text: str) -> None:
+    """The property behind the single grammar: config ⊆ wire ⊆ git, for any string."""
+    try:
+        AppConfig(repository="/r", branch=text)
+    except ValidationError:
+        return
+    Command.model_validate_json(
+        json.dumps(
+            {
+                "id": str(uuid.uuid4()),
+                "kind": "deploy",
+                "app": "mysite",
+                "revision": text,
+                "stack": "s",
+                "issued_at": "2026-01-01T00:00:00Z",
+                "issued_by": "t",
+            }
+        )
+    )
+    check_git_revision(text)  # raises RevisionNotFound if git's adapter refused it
+    checked = subprocess.run(
+        ["git", "check-ref-format", "--allow-onelevel", text], capture_output=True
+    )
+    assert checked.returncode == 0, text
 
 
 async def test_hostile_repositories_run_nothing_and_create_nothing_outside_the_app_root(
-    tally: Tally, sandbox: Path, upstream: Path
+    tally: HostileTally, sandbox: Path, upstream: Path
 ) -> None:
     pwned = sandbox / "PWNED"
     repositories = [
@@ -197,7 +234,7 @@ async def test_hostile_repositories_run_nothing_and_create_nothing_outside_the_a
 
 
 async def test_hostile_app_names_and_rollback_targets_touch_nothing(
-    tally: Tally, sandbox: Path, upstream: Path
+    tally: HostileTally, sandbox: Path, upstream: Path
 ) -> None:
     pipe = pipeline(sandbox, upstream)
     before = snapshot(sandbox)
@@ -219,7 +256,7 @@ async def test_hostile_app_names_and_rollback_targets_touch_nothing(
 
 
 def test_odd_shared_dirs_that_config_accepts_stay_inside_the_app_root(
-    tally: Tally, sandbox: Path, upstream: Path
+    tally: HostileTally, sandbox: Path, upstream: Path
 ) -> None:
     odd = [
         "..%2f..%2fetc",

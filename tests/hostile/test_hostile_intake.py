@@ -18,7 +18,6 @@ from hostile_helpers import (
     MALLORY,
     NOW,
     TRUSTED,
-    Tally,
     agent_config,
     as_dict,
     command,
@@ -28,10 +27,11 @@ from hostile_helpers import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from support.tally import HostileTally
 
 from agent.core.errors import CommandRejected
 from agent.node.intake import Accepted, Ignored, Rejected, accept
-from agent.protocol.protocol import Command, encode, parse_command
+from agent.protocol import Command, encode, parse_command
 
 CONFIG = agent_config(Path("/nonexistent/hostile"))  # intake never touches the disk
 FIELDS = sorted(Command.model_fields)
@@ -50,7 +50,7 @@ STRING_FIELDS = [
 Verdict = Accepted | Ignored | Rejected
 
 
-def verdict_of(tally: Tally, payload: bytes, seen: frozenset[str] = frozenset()) -> Verdict:
+def verdict_of(tally: HostileTally, payload: bytes, seen: frozenset[str] = frozenset()) -> Verdict:
     with tally.attempt():
         verdict = accept(payload, config=CONFIG, trusted=TRUSTED, seen=seen, now=NOW)
     assert isinstance(verdict, Accepted | Ignored | Rejected), verdict
@@ -61,7 +61,7 @@ def verdict_of(tally: Tally, payload: bytes, seen: frozenset[str] = frozenset())
     return verdict
 
 
-def must_reject(tally: Tally, payload: bytes) -> Rejected:
+def must_reject(tally: HostileTally, payload: bytes) -> Rejected:
     verdict = verdict_of(tally, payload)
     tally.refuse(not isinstance(verdict, Rejected), f"{payload[:200]!r} -> {verdict}")
     assert isinstance(verdict, Rejected)
@@ -78,14 +78,14 @@ def dumps(data: Any, ascii_only: bool) -> bytes:
 
 @examples(200)
 @given(st.binary(max_size=2048))
-def test_arbitrary_bytes_are_rejected_by_the_intake(tally: Tally, data: bytes) -> None:
+def test_arbitrary_bytes_are_rejected_by_the_intake(tally: HostileTally, data: bytes) -> None:
     must_reject(tally, data)
 
 
 @examples(120)
 @given(json_values, st.booleans())
 def test_arbitrary_json_documents_are_rejected_by_the_intake(
-    tally: Tally, value: Any, ascii_only: bool
+    tally: HostileTally, value: Any, ascii_only: bool
 ) -> None:
     must_reject(tally, dumps(value, ascii_only))
 
@@ -93,7 +93,7 @@ def test_arbitrary_json_documents_are_rejected_by_the_intake(
 @examples(120)
 @given(st.dictionaries(st.sampled_from([*FIELDS, "extra"]), json_values, max_size=8), st.booleans())
 def test_command_shaped_objects_without_a_valid_signature_are_rejected(
-    tally: Tally, fields: dict[str, Any], ascii_only: bool
+    tally: HostileTally, fields: dict[str, Any], ascii_only: bool
 ) -> None:
     base = as_dict(command(key=None))
     must_reject(tally, dumps({**base, **fields}, ascii_only))
@@ -142,7 +142,7 @@ def mutate(data: dict[str, Any], op: str, field: str, value: Any, where: float) 
 @examples(200)
 @given(kinds, st.lists(mutation, min_size=1, max_size=3), st.booleans())
 def test_a_signed_command_mutated_in_any_field_is_accepted_only_if_it_is_still_the_same(
-    tally: Tally, fields: dict[str, Any], mutations: list[tuple[Any, ...]], ascii_only: bool
+    tally: HostileTally, fields: dict[str, Any], mutations: list[tuple[Any, ...]], ascii_only: bool
 ) -> None:
     original = command(**fields)
     data = as_dict(original)
@@ -157,7 +157,7 @@ def test_a_signed_command_mutated_in_any_field_is_accepted_only_if_it_is_still_t
 @examples(150)
 @given(kinds, st.data())
 def test_byte_level_damage_to_a_signed_command_is_never_accepted(
-    tally: Tally, fields: dict[str, Any], data: st.DataObject
+    tally: HostileTally, fields: dict[str, Any], data: st.DataObject
 ) -> None:
     original = command(**fields)
     payload = bytearray(encode(original))
@@ -186,7 +186,7 @@ def test_byte_level_damage_to_a_signed_command_is_never_accepted(
 @pytest.mark.parametrize("field", ["app", "revision", "issued_by", "stack", "to_release"])
 @pytest.mark.parametrize("value", HOSTILE_STRINGS)
 def test_hostile_strings_in_any_field_are_refused_even_when_signed_by_a_trusted_key(
-    tally: Tally, field: str, value: str
+    tally: HostileTally, field: str, value: str
 ) -> None:
     """Tampered on the wire, the signature fails; signed as it is (a compromised CI job),
     validation alone must stand between the value and git or the file system."""
@@ -238,7 +238,7 @@ def is_one_harmless_word(value: str, *, slash_ok: bool) -> bool:
     ],
 )
 def test_intact_signed_commands_still_pass_so_the_properties_above_are_not_vacuous(
-    tally: Tally, fields: dict[str, Any], expected: tuple[str, str | None]
+    tally: HostileTally, fields: dict[str, Any], expected: tuple[str, str | None]
 ) -> None:
     verdict = verdict_of(tally, encode(command(**fields)))
     assert type(verdict).__name__ == expected[0], verdict
@@ -247,7 +247,7 @@ def test_intact_signed_commands_still_pass_so_the_properties_above_are_not_vacuo
 
 
 def test_a_forged_command_targeting_other_instances_is_rejected_not_silently_ignored(
-    tally: Tally,
+    tally: HostileTally,
 ) -> None:
     forged = command(targets=["web-2"], key=MALLORY)
     verdict = must_reject(tally, encode(forged))
@@ -266,7 +266,7 @@ def test_a_forged_command_targeting_other_instances_is_rejected_not_silently_ign
         "plone_instances\x00",
     ],
 )
-def test_lookalikes_of_our_instance_id_never_target_us(tally: Tally, lookalike: str) -> None:
+def test_lookalikes_of_our_instance_id_never_target_us(tally: HostileTally, lookalike: str) -> None:
     try:
         signed = command(targets=[lookalike])
     except ValueError:
@@ -275,7 +275,9 @@ def test_lookalikes_of_our_instance_id_never_target_us(tally: Tally, lookalike: 
     assert isinstance(verdict_of(tally, encode(signed)), Ignored)
 
 
-def test_rejection_reasons_never_quote_control_characters_from_the_payload(tally: Tally) -> None:
+def test_rejection_reasons_never_quote_control_characters_from_the_payload(
+    tally: HostileTally,
+) -> None:
     data = as_dict(command()) | {"id": "\x1b" + as_dict(command())["id"][1:]}
     reason = must_reject(tally, dumps(data, True)).reason
     assert reason.isprintable(), reason

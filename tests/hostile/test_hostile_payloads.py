@@ -13,11 +13,12 @@ from datetime import UTC, datetime
 
 import pytest
 from daemon_fixture import InProcessAgent, in_process_agent
-from hostile_helpers import Tally, command, examples, json_values
+from hostile_helpers import command, examples, json_values
 from hypothesis import given
 from hypothesis import strategies as st
+from support.tally import HostileTally
 
-from agent.protocol.protocol import encode
+from agent.protocol import encode
 
 MB = 1024 * 1024
 SECONDS = 5.0  # generous: a rejection takes milliseconds; the machine is shared
@@ -76,7 +77,7 @@ def expected_log(channel: str, payload: bytes) -> set[str]:
 @pytest.mark.parametrize("shape", sorted(shapes()))
 @pytest.mark.parametrize("channel", ["commands", "config", "instances"])
 def test_oversized_and_nested_payloads_are_dropped_fast_with_bounded_memory(
-    tally: Tally, agent: InProcessAgent, channel: str, shape: str
+    tally: HostileTally, agent: InProcessAgent, channel: str, shape: str
 ) -> None:
     payload = shapes()[shape]()
     before = agent.state()
@@ -132,7 +133,7 @@ channels = st.sampled_from(["commands", "config", "instances", "own-instance", "
 @examples(250)
 @given(channels, payloads)
 def test_arbitrary_payloads_on_any_topic_never_raise_from_the_handlers(
-    tally: Tally, agent: InProcessAgent, channel: str, payload: bytes
+    tally: HostileTally, agent: InProcessAgent, channel: str, payload: bytes
 ) -> None:
     topic = {
         **topics(agent),
@@ -153,10 +154,10 @@ def test_arbitrary_payloads_on_any_topic_never_raise_from_the_handlers(
 
 
 def test_the_in_process_agent_is_still_serving_after_all_that(
-    tally: Tally, agent: InProcessAgent
+    tally: HostileTally, agent: InProcessAgent
 ) -> None:
     with tally.attempt():
         fresh = command("configure", now=datetime.now(UTC))
         logs = agent.feed(agent.topics.commands, encode(fresh))
     assert "command.rejected" not in {e["event"] for e in logs}, logs
-    assert agent.daemon.queue.qsize() >= 1
+    assert agent.daemon.worker.queue.qsize() >= 1

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile_helpers import INI_INJECTIONS, Tally, any_text, examples, json_values, nasty_text
+from hostile_helpers import INI_INJECTIONS, any_text, examples, json_values, nasty_text
 from hypothesis import given
 from hypothesis import strategies as st
+from support.tally import HostileTally
 from zc.buildout.configparser import parse as buildout_parse
 from zc.buildout.configparser import section_header
 
@@ -26,7 +27,7 @@ from agent.core.plan import Member, client_layout
 from agent.core.render import RenderInput, render_deploy_cfg
 from agent.core.stackconfig import stack_settings
 from agent.node.fleet import Fleet
-from agent.protocol.protocol import InvalidMessage, Presence, parse_message
+from agent.protocol import InvalidMessage, Presence, parse_message
 
 ROOT = Path("/srv/deploy/mysite")
 OWN = {
@@ -111,7 +112,7 @@ def check_no_injection(cfg: bytes, stack_config: dict[str, Any]) -> dict[str, di
     return sections
 
 
-def try_render(tally: Tally, stack_config: dict[str, Any], **kwargs: Any) -> bytes | None:
+def try_render(tally: HostileTally, stack_config: dict[str, Any], **kwargs: Any) -> bytes | None:
     with tally.attempt():
         try:
             return render(stack_config, **kwargs)
@@ -138,7 +139,7 @@ stack_configs = st.recursive(
 @examples(80)
 @given(stack_configs)
 def test_arbitrary_stack_config_keys_and_values_never_inject_into_deploy_cfg(
-    tally: Tally, stack_config: dict[str, Any]
+    tally: HostileTally, stack_config: dict[str, Any]
 ) -> None:
     cfg = try_render(tally, stack_config)
     if cfg is not None:
@@ -165,7 +166,7 @@ SINGLE_VALUE_PATHS = [
     ("where", "build"), SINGLE_VALUE_PATHS, ids=[p[0] for p in SINGLE_VALUE_PATHS]
 )
 def test_ini_injections_in_every_stack_config_path_are_refused_or_neutralised(
-    tally: Tally, where: str, build: Any, injection: str
+    tally: HostileTally, where: str, build: Any, injection: str
 ) -> None:
     stack_config = build(injection)
     cfg = try_render(tally, stack_config)
@@ -175,7 +176,7 @@ def test_ini_injections_in_every_stack_config_path_are_refused_or_neutralised(
 
 @pytest.mark.parametrize("injection", INI_INJECTIONS)
 def test_ini_injections_in_this_instance_address_are_refused_or_neutralised(
-    tally: Tally, injection: str
+    tally: HostileTally, injection: str
 ) -> None:
     cfg = try_render(tally, {}, address=injection)
     if cfg is not None:
@@ -193,7 +194,7 @@ def test_ini_injections_in_this_instance_address_are_refused_or_neutralised(
     ids=["nested-key", "top-key", "multiline-value", "environment-name"],
 )
 def test_an_option_name_ending_in_a_newline_is_refused(
-    tally: Tally, stack_config: dict[str, Any]
+    tally: HostileTally, stack_config: dict[str, Any]
 ) -> None:
     cfg = try_render(tally, stack_config)
     tally.refuse(
@@ -236,7 +237,7 @@ presences = st.fixed_dictionaries(
 @examples(100)
 @given(presences, st.booleans())
 def test_presence_messages_never_inject_into_deploy_cfg(
-    tally: Tally, data: dict[str, Any], ascii_only: bool
+    tally: HostileTally, data: dict[str, Any], ascii_only: bool
 ) -> None:
     fleet = Fleet(parse_message(Presence, json.dumps(OWN).encode()))
     payload = json.dumps(data, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")

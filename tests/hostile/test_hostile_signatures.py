@@ -22,31 +22,32 @@ from hostile_helpers import (
     NOW,
     STACK,
     TRUSTED,
-    Tally,
     agent_config,
     as_dict,
     command,
 )
+from support.tally import HostileTally
 
-from agent.adapters.keys import fingerprint, sign_bytes
 from agent.node.intake import Accepted, Rejected, accept
-from agent.protocol.protocol import (
+from agent.protocol import (
     Command,
     SignedConfig,
     canonical_json,
     encode,
+    fingerprint,
+    sign_bytes,
     sign_config,
 )
 
 CONFIG = agent_config(Path("/nonexistent/hostile"))
 
 
-def verdict(tally: Tally, payload: bytes, seen: frozenset[str] = frozenset()) -> Any:
+def verdict(tally: HostileTally, payload: bytes, seen: frozenset[str] = frozenset()) -> Any:
     with tally.attempt():
         return accept(payload, config=CONFIG, trusted=TRUSTED, seen=seen, now=NOW)
 
 
-def rejected(tally: Tally, payload: bytes, because: str, **kwargs: Any) -> None:
+def rejected(tally: HostileTally, payload: bytes, because: str, **kwargs: Any) -> None:
     result = verdict(tally, payload, **kwargs)
     tally.refuse(not isinstance(result, Rejected), f"{payload[:160]!r} -> {result}")
     assert because in result.reason, result.reason
@@ -59,13 +60,15 @@ def wire(data: dict[str, Any]) -> bytes:
 # -- commands through the intake -----------------------------------------------------------
 
 
-def test_a_signature_copied_onto_a_different_command_is_rejected(tally: Tally) -> None:
+def test_a_signature_copied_onto_a_different_command_is_rejected(tally: HostileTally) -> None:
     signed, other = command(revision="v1"), command(revision="v2")
     forged = as_dict(other) | {"signature": signed.signature, "key_id": signed.key_id}
     rejected(tally, wire(forged), "signature does not match")
 
 
-def test_a_signature_copied_with_its_id_onto_different_fields_is_rejected(tally: Tally) -> None:
+def test_a_signature_copied_with_its_id_onto_different_fields_is_rejected(
+    tally: HostileTally,
+) -> None:
     signed = command(revision="v1", targets=["web-2"])
     for change in (
         {"revision": "v2"},
@@ -99,7 +102,7 @@ def test_every_field_is_covered_by_the_tampering_table() -> None:
 
 @pytest.mark.parametrize("field", sorted(CHANGES))
 def test_a_signed_command_with_any_field_changed_after_signing_is_rejected(
-    tally: Tally, field: str
+    tally: HostileTally, field: str
 ) -> None:
     signed = command(revision="main", targets=["web-1"], restart_delay=1.0, always_buildout=False)
     changed = as_dict(signed) | {field: CHANGES[field]}
@@ -109,11 +112,13 @@ def test_a_signed_command_with_any_field_changed_after_signing_is_rejected(
     assert any(r in result.reason for r in reasons), result
 
 
-def test_a_command_signed_for_another_stack_is_rejected(tally: Tally) -> None:
+def test_a_command_signed_for_another_stack_is_rejected(tally: HostileTally) -> None:
     rejected(tally, encode(command(stack="production")), "for stack 'production'")
 
 
-def test_a_trusted_key_id_with_another_trusted_keys_signature_is_rejected(tally: Tally) -> None:
+def test_a_trusted_key_id_with_another_trusted_keys_signature_is_rejected(
+    tally: HostileTally,
+) -> None:
     """The key id names the one key to check: BOB's valid signature under ALICE's key id
     must not pass just because BOB is trusted too."""
     by_bob = command(key=BOB)
@@ -121,12 +126,12 @@ def test_a_trusted_key_id_with_another_trusted_keys_signature_is_rejected(tally:
     rejected(tally, wire(claimed), "signature does not match")
 
 
-def test_a_trusted_key_id_with_an_untrusted_signature_is_rejected(tally: Tally) -> None:
+def test_a_trusted_key_id_with_an_untrusted_signature_is_rejected(tally: HostileTally) -> None:
     by_mallory = command(key=MALLORY).model_copy(update={"key_id": fingerprint(ALICE)})
     rejected(tally, encode(by_mallory), "signature does not match")
 
 
-def test_a_signature_made_without_the_signing_context_is_rejected(tally: Tally) -> None:
+def test_a_signature_made_without_the_signing_context_is_rejected(tally: HostileTally) -> None:
     """Domain separation: bytes signed for some other purpose never verify as a command."""
     unsigned = command(key=None).model_copy(update={"key_id": fingerprint(ALICE)})
     raw = canonical_json(unsigned.model_dump(exclude={"signature"}))
@@ -135,7 +140,7 @@ def test_a_signature_made_without_the_signing_context_is_rejected(tally: Tally) 
         rejected(tally, encode(forged), "signature does not match")
 
 
-def test_malformed_signatures_are_rejected(tally: Tally) -> None:
+def test_malformed_signatures_are_rejected(tally: HostileTally) -> None:
     signed = as_dict(command())
     sig = base64.b64decode(signed["signature"])
     for bad in (
@@ -158,7 +163,7 @@ def flip_one_character(signature: str) -> str:
     return signature[:middle] + ("B" if signature[middle] != "B" else "C") + signature[middle + 1 :]
 
 
-def test_the_same_signed_command_twice_is_a_replay(tally: Tally) -> None:
+def test_the_same_signed_command_twice_is_a_replay(tally: HostileTally) -> None:
     signed = command()
     first = verdict(tally, encode(signed))
     assert isinstance(first, Accepted)
@@ -166,7 +171,7 @@ def test_the_same_signed_command_twice_is_a_replay(tally: Tally) -> None:
 
 
 def test_an_old_signed_command_is_rejected_as_stale_even_with_a_new_id_field_order(
-    tally: Tally,
+    tally: HostileTally,
 ) -> None:
     stale = command(now=NOW - timedelta(hours=1))
     reordered = dict(reversed(list(as_dict(stale).items())))
@@ -186,7 +191,7 @@ def now() -> datetime:
 
 
 def test_the_daemon_runs_a_signed_command_once_and_rejects_its_replay(
-    tally: Tally, agent: InProcessAgent
+    tally: HostileTally, agent: InProcessAgent
 ) -> None:
     signed = command("configure", now=now())
     with tally.attempt():
@@ -196,7 +201,7 @@ def test_the_daemon_runs_a_signed_command_once_and_rejects_its_replay(
     replays = [e for e in second if e["event"] == "command.rejected"]
     tally.refuse(not replays, "the daemon accepted a replayed command")
     assert "already received" in replays[0]["reason"]
-    assert agent.daemon.queue.qsize() == 1
+    assert agent.daemon.worker.queue.qsize() == 1
 
 
 def signed_config(
@@ -255,7 +260,7 @@ def signed_config(
     ],
 )
 def test_a_forged_or_invalid_stack_config_is_not_applied(
-    tally: Tally, agent: InProcessAgent, what: str, make: Any
+    tally: HostileTally, agent: InProcessAgent, what: str, make: Any
 ) -> None:
     before = dict(agent.daemon.stack_config)
     with tally.attempt():
@@ -269,7 +274,7 @@ def as_dict_config(config: SignedConfig) -> dict[str, Any]:
 
 
 def test_a_valid_signed_stack_config_is_applied_so_the_refusals_above_mean_something(
-    tally: Tally, agent: InProcessAgent
+    tally: HostileTally, agent: InProcessAgent
 ) -> None:
     with tally.attempt():
         agent.feed(agent.topics.config, encode(signed_config({"custom": {"k": 1}})))
@@ -277,7 +282,7 @@ def test_a_valid_signed_stack_config_is_applied_so_the_refusals_above_mean_somet
 
 
 def test_an_older_signed_config_replayed_after_a_newer_one_is_not_applied(
-    tally: Tally, agent: InProcessAgent
+    tally: HostileTally, agent: InProcessAgent
 ) -> None:
     old = signed_config({"version": 1}, issued_at=now() - timedelta(minutes=5))
     new = signed_config({"version": 2})

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from agent_helpers import (
+from support.agents import (
     APP,
     TOPICS,
     AgentProcess,
@@ -22,24 +22,13 @@ from agent_helpers import (
     running_agents,
     wait_results,
 )
-from components import require_binary
-from mosquitto_helpers import Collector, publish, retained, running_mosquitto
-from site_helpers import SiteRepo
+from support.broker import Collector, publish, retained
+from support.components import require_binary
+from support.site import REPO, SiteRepo
 
-from agent.protocol.protocol import Presence, StatusRecord, encode, parse_message
+from agent.protocol import Presence, StatusRecord, encode, parse_message
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    with running_mosquitto(tmp_path / "broker") as broker:
-        yield broker
-
-
-@pytest.fixture
-def operator(broker, tmp_path: Path) -> Operator:
-    return Operator.create(broker.port, tmp_path / "operator")
 
 
 def agent(
@@ -52,7 +41,7 @@ def agent(
     **overrides,
 ) -> AgentProcess:
     return AgentProcess.create(
-        tmp_path / name,
+        tmp_path,
         name,
         port=broker.port,
         repo=site_repo,
@@ -141,7 +130,7 @@ def test_bad_commands_are_rejected_with_a_reason_and_the_agent_keeps_serving(
             update={"issued_at": datetime.now(UTC) - timedelta(hours=2)}
         )
         from agent.adapters.keys import load_private_key
-        from agent.protocol.protocol import sign_command
+        from agent.protocol import sign_command
 
         stale = sign_command(stale, load_private_key(operator.key_path))
         unknown = operator.command("deploy", app="no-such-app")
@@ -312,7 +301,7 @@ def test_a_frontend_rewrites_its_haproxy_backends_when_instances_come_and_go(
     reloads = tmp_path / "lb" / "reloads"
     backends.parent.mkdir()
     template = {
-        "source": str(Path(__file__).resolve().parent.parent / "config" / "haproxy.cfg.tmpl"),
+        "source": str(REPO / "config" / "haproxy.cfg.tmpl"),
         "destination": str(backends),
         "reload": [sys.executable, "-c", f"open({str(reloads)!r}, 'a').write('reload\\n')"],
         "layers": ["frontend"],

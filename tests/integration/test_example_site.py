@@ -19,16 +19,18 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.ports import free_port
+from support.processes import wait_until
+from support.site import EXAMPLE
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "zeo-site"
 BIN_DIR = Path(sys.executable).parent
 BUILDOUT = BIN_DIR / "buildout"
 BUILD_LEFTOVERS = (
@@ -55,12 +57,6 @@ class Site:
     zeo_port: int
     ports: dict[str, int]
     buildout_seconds: float
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def copy_example(dest: Path) -> Path:
@@ -423,9 +419,14 @@ def test_sigterm_under_load_refuses_new_requests_and_cuts_none(
         thread.start()
     try:
         # Stop under load, and go on until every loop has been refused: counts, not sleeps.
-        wait_until(lambda: outcomes["ok"] >= 40, "no request was answered")
+        wait_until(lambda: outcomes["ok"] >= 40, 60, "no request was answered", interval=0.01)
         assert processes.stop("client1") == 0
-        wait_until(lambda: outcomes["refused"] >= 2 * len(threads), "nothing was refused")
+        wait_until(
+            lambda: outcomes["refused"] >= 2 * len(threads),
+            60,
+            "nothing was refused",
+            interval=0.01,
+        )
     finally:
         stop.set()
         for thread in threads:
@@ -435,14 +436,6 @@ def test_sigterm_under_load_refuses_new_requests_and_cuts_none(
     # client drops new connection attempts while it drains, so none is reset).
     assert set(outcomes) == {"ok", "refused"}, outcomes
     assert processes.stop("zeoserver") == 0
-
-
-def wait_until(condition: Callable[[], bool], failure: str, timeout: float = 60) -> None:
-    """Poll ``condition``; the timeout only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, failure
-        time.sleep(0.01)
 
 
 def request_outcome(method: str, port: int, path: str) -> str:

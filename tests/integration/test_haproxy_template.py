@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from components import require_binary
+from support.components import require_binary
+from support.ports import free_port
+from support.site import REPO
 
 from agent.adapters.templates import apply_templates, build_context
 from agent.core.config import TemplateConfig
 from agent.core.plan import Member
-from agent.protocol.protocol import ClientInfo
+from agent.protocol import ClientInfo
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "haproxy.cfg.tmpl"
+TEMPLATE = REPO / "config" / "haproxy.cfg.tmpl"
 MEMBERS = ("web-1", "web-2")
 CLIENTS = ("client1", "client2")
 
@@ -68,12 +70,6 @@ class NamedServer(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
         self.thread.join(timeout=5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def context(ports: dict[str, dict[str, int]], haproxy: dict[str, Any]) -> dict[str, Any]:

@@ -11,26 +11,26 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mosquitto_helpers import (
+from structlog.testing import capture_logs
+from support.broker import (
     Collector,
     Mosquitto,
-    free_port,
     publish,
     retained,
     running_mosquitto,
 )
-from structlog.testing import capture_logs
+from support.ports import free_port
+from support.processes import wait_until_async
+from support.site import REPO
 
 from agent.adapters.mqtt import MqttSession, Outgoing
 from agent.core.config import BrokerConfig
-
-REPO = Path(__file__).resolve().parents[1]
 
 AGENT_SCRIPT = """
 import asyncio, sys
@@ -59,12 +59,6 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with running_mosquitto(tmp_path / "broker") as mosquitto:
-        yield mosquitto
-
-
 def broker_config(broker: Mosquitto, **overrides: object) -> BrokerConfig:
     return BrokerConfig.model_validate({"host": "127.0.0.1", "port": broker.port, **overrides})
 
@@ -79,16 +73,8 @@ class Inbox:
         self.messages.append((topic, payload, retain))
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, bytes, bool]]:
-        await wait_until(lambda: len(self.messages) >= count, timeout)
+        await wait_until_async(lambda: len(self.messages) >= count, timeout, "messages")
         return self.messages
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager
@@ -271,7 +257,7 @@ async def test_outbox_survives_a_broker_restart_in_order_and_reconnects(
             session.publish(Outgoing(topic, b"0"))
             await seen.gathered(1)
             broker.stop()
-            await wait_until(lambda: not session.connected.is_set())
+            await wait_until_async(lambda: not session.connected.is_set(), 10, "still connected")
             for n in range(1, 6):
                 session.publish(Outgoing(topic, str(n).encode()))
             assert not await session.flush(0.3), "nothing can be delivered while it is down"
@@ -292,7 +278,9 @@ async def test_connect_attempts_back_off_with_jitter_up_to_the_cap() -> None:
     )
     with capture_logs() as logs:
         async with running(session, wait=False):
-            await wait_until(lambda: len(events(logs, "mqtt.connect_failed")) >= 8, timeout=60)
+            await wait_until_async(
+                lambda: len(events(logs, "mqtt.connect_failed")) >= 8, 60, "8 failed connects"
+            )
     failed = events(logs, "mqtt.connect_failed")
     assert [e["attempt"] for e in failed] == list(range(1, len(failed) + 1))
     assert len(failed) >= 8, "the cap keeps retries frequent"
@@ -366,7 +354,9 @@ async def test_broker_password_is_used_but_never_logged(
             backoff=(0.05, 0.1),
         )
         async with running(refused, wait=False):
-            await wait_until(lambda: bool(events(logs, "mqtt.connect_failed")))
+            await wait_until_async(
+                lambda: events(logs, "mqtt.connect_failed"), 10, "a failed connect"
+            )
         broker_log = broker.log_text()
     assert "authoriz" in str(events(logs, "mqtt.connect_failed")[0]["reason"]).lower()
     everything = "\n".join([repr(logs), caplog.text, broker_log, repr(accepted), repr(refused)])

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -24,11 +21,13 @@ from uuid import uuid4
 import aiomqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from mosquitto_helpers import free_port, retained, running_mosquitto
+from support.broker import retained, running_mosquitto
+from support.cli import CliResult, cli_env, run_cli, run_cli_async
+from support.ports import free_port
 
 from agent.adapters.keys import generate_keypair, load_public_key
 from agent.core.errors import CommandRejected
-from agent.protocol.protocol import (
+from agent.protocol import (
     AppPresence,
     AppStatus,
     Event,
@@ -206,38 +205,7 @@ async def fleet(*agents: FakeAgent) -> AsyncIterator[list[aiomqtt.Client]]:
         yield [await stack.enter_async_context(agent.running()) for agent in agents]
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> dict[str, Any]:
-        return json.loads(self.out)
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The test's environment without the tester's own DEPLOY_AGENT_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOY_AGENT_")}
-    return {**env, **extra}
-
-
-async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.cli",
-        *args,
-        env=env or cli_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
-
-
-def outcomes(result: Result) -> dict[str, str]:
+def outcomes(result: CliResult) -> dict[str, str]:
     return {r["instance"]: r["outcome"] for r in result.json()["results"]}
 
 
@@ -249,13 +217,17 @@ async def test_deploy_wait_exits_0_when_every_instance_succeeded(operator: Opera
     agents = [FakeAgent(operator, f"web-{n}", timeline) for n in (1, 2)]
     offline = FakeAgent(operator, "web-9", timeline, state="offline")
     async with fleet(*agents, offline):
-        result = await cli(
+        result = await run_cli_async(
             "deploy", "mysite", "--wait", "--timeout", "30", "--config", str(operator.config)
         )
-    assert result.code == 0, result
-    assert "web-1" in result.out and "web-2" in result.out and "web-9" not in result.out
-    assert "succeeded" in result.out and SHA[:10] in result.out and "20250102T000000Z" in result.out
-    assert "2 succeeded" in result.out
+    assert result.returncode == 0, result
+    assert "web-1" in result.stdout and "web-2" in result.stdout and "web-9" not in result.stdout
+    assert (
+        "succeeded" in result.stdout
+        and SHA[:10] in result.stdout
+        and "20250102T000000Z" in result.stdout
+    )
+    assert "2 succeeded" in result.stdout
     assert {entry[1] for entry in timeline if entry[0] == "received"} == {"web-1", "web-2"}
 
 
@@ -266,7 +238,7 @@ async def test_deploy_json_reports_one_failed_instance_and_exits_1(operator: Ope
         FakeAgent(operator, "web-2", timeline, behaviour="fail"),
     ]
     async with fleet(*agents):
-        result = await cli(
+        result = await run_cli_async(
             "deploy",
             "mysite",
             "--revision",
@@ -276,7 +248,7 @@ async def test_deploy_json_reports_one_failed_instance_and_exits_1(operator: Ope
             "--config",
             str(operator.config),
         )
-    assert result.code == 1, result
+    assert result.returncode == 1, result
     document = result.json()
     assert document["exit_code"] == 1 and len(document["command_ids"]) == 1
     assert outcomes(result) == {"web-1": "succeeded", "web-2": "failed"}
@@ -292,7 +264,7 @@ async def test_an_instance_that_never_answers_times_out_with_exit_3(operator: Op
     ]
     async with fleet(*agents):
         started = time.monotonic()
-        result = await cli(
+        result = await run_cli_async(
             "deploy",
             "mysite",
             "--wait",
@@ -302,7 +274,7 @@ async def test_an_instance_that_never_answers_times_out_with_exit_3(operator: Op
             "--config",
             str(operator.config),
         )
-    assert result.code == 3, result
+    assert result.returncode == 3, result
     assert outcomes(result) == {"web-1": "succeeded", "web-2": "timed-out"}
     assert time.monotonic() - started < 15
 
@@ -310,13 +282,13 @@ async def test_an_instance_that_never_answers_times_out_with_exit_3(operator: Op
 async def test_no_online_instance_exits_4_without_sending(operator: Operator) -> None:
     timeline: Timeline = []
     async with fleet(FakeAgent(operator, "web-1", timeline, state="offline")):
-        result = await cli("deploy", "mysite", "--wait", "--config", str(operator.config))
-        targeted = await cli(
+        result = await run_cli_async("deploy", "mysite", "--wait", "--config", str(operator.config))
+        targeted = await run_cli_async(
             "deploy", "mysite", "--targets", "db-layer", "--config", str(operator.config)
         )
-    assert result.code == 4, result
-    assert "no online instance matches stack" in result.err and "offline: web-1" in result.err
-    assert targeted.code == 4 and "no online instance matches db-layer" in targeted.err
+    assert result.returncode == 4, result
+    assert "no online instance matches stack" in result.stderr and "offline: web-1" in result.stderr
+    assert targeted.returncode == 4 and "no online instance matches db-layer" in targeted.stderr
     assert timeline == []
 
 
@@ -324,10 +296,10 @@ async def test_batches_never_overlap_and_each_gets_its_own_command(operator: Ope
     timeline: Timeline = []
     agents = [FakeAgent(operator, f"web-{n}", timeline) for n in (1, 2, 3, 4)]
     async with fleet(*agents):
-        result = await cli(
+        result = await run_cli_async(
             "deploy", "mysite", "--batch-size", "2", "--json", "--config", str(operator.config)
         )
-    assert result.code == 0, result
+    assert result.returncode == 0, result
     batches = result.json()["batches"]
     assert [b["instances"] for b in batches] == [["web-1", "web-2"], ["web-3", "web-4"]]
     assert [b["state"] for b in batches] == ["ran", "ran"]
@@ -350,11 +322,11 @@ async def test_serial_rollout_stops_after_max_failures(operator: Operator) -> No
         FakeAgent(operator, "web-4", timeline),
     ]
     async with fleet(*agents):
-        result = await cli(
+        result = await run_cli_async(
             "deploy", "mysite", "--serial", "--max-failures", "0", "--config", str(operator.config)
         )
-    assert result.code == 1, result
-    assert "batches: 1 ran, 2 ran, 3 skipped, 4 skipped" in result.out
+    assert result.returncode == 1, result
+    assert "batches: 1 ran, 2 ran, 3 skipped, 4 skipped" in result.stdout
     assert {e[1] for e in timeline} == {"web-1", "web-2"}
 
 
@@ -364,16 +336,18 @@ async def test_untrusted_key_is_rejected_and_the_cli_says_so(
     other = load_public_key(generate_keypair(tmp_path / "someone-else").public_path)
     timeline: Timeline = []
     async with fleet(FakeAgent(operator, "web-1", timeline, trusted=other)):
-        result = await cli("deploy", "mysite", "--wait", "--config", str(operator.config))
-    assert result.code == 1, result
-    assert "rejected" in result.out and "signature does not match any trusted key" in result.out
+        result = await run_cli_async("deploy", "mysite", "--wait", "--config", str(operator.config))
+    assert result.returncode == 1, result
+    assert (
+        "rejected" in result.stdout and "signature does not match any trusted key" in result.stdout
+    )
     assert timeline == []
 
 
 async def test_rollback_wait_follows_the_same_flow(operator: Operator) -> None:
     timeline: Timeline = []
     async with fleet(FakeAgent(operator, "web-1", timeline)):
-        result = await cli(
+        result = await run_cli_async(
             "rollback",
             "mysite",
             "--to",
@@ -383,7 +357,7 @@ async def test_rollback_wait_follows_the_same_flow(operator: Operator) -> None:
             "--config",
             str(operator.config),
         )
-    assert result.code == 0, result
+    assert result.returncode == 0, result
     assert result.json()["kind"] == "rollback" and outcomes(result) == {"web-1": "succeeded"}
 
 
@@ -395,12 +369,12 @@ async def test_without_wait_prints_the_command_id_and_exits_0(operator: Operator
         DEPLOY_AGENT_KEY=str(operator.config.parent / "operator"),
     )
     async with fleet(FakeAgent(operator, "web-1", timeline)):
-        result = await cli("deploy", "mysite", env=env)
+        result = await run_cli_async("deploy", "mysite", env=env)
         deadline = time.monotonic() + 30
         while not timeline and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-    assert result.code == 0, result
-    assert timeline and timeline[0][2] in result.out
+    assert result.returncode == 0, result
+    assert timeline and timeline[0][2] in result.stdout
 
 
 async def test_broker_down_is_one_clear_line_and_exit_2(operator: Operator) -> None:
@@ -411,9 +385,9 @@ async def test_broker_down_is_one_clear_line_and_exit_2(operator: Operator) -> N
         DEPLOY_AGENT_KEY=str(operator.config.parent / "operator"),
     )
     for args in (["deploy", "mysite", "--wait"], ["status"], ["logs"]):
-        result = await cli(*args, env=env)
-        assert result.code == 2, result
-        assert result.err.strip() == (
+        result = await run_cli_async(*args, env=env)
+        assert result.returncode == 2, result
+        assert result.stderr.strip() == (
             f"deploy-agent: cannot reach the broker at 127.0.0.1:{port}: "
             "[Errno 111] Connection refused"
         )
@@ -442,23 +416,23 @@ async def test_status_shows_presence_and_last_result(operator: Operator) -> None
         agent, FakeAgent(operator, "db-1", timeline, layers=["zeoserver"], state="offline")
     ) as (client, _):
         await client.publish(operator.topics.status("web-1"), encode(record), qos=1, retain=True)
-        table = await cli("status", "--config", str(operator.config))
-        document = await cli("status", "--json", "--config", str(operator.config))
-    assert table.code == 0, table
-    web = next(line for line in table.out.splitlines() if line.startswith("web-1"))
+        table = await run_cli_async("status", "--config", str(operator.config))
+        document = await run_cli_async("status", "--json", "--config", str(operator.config))
+    assert table.returncode == 0, table
+    web = next(line for line in table.stdout.splitlines() if line.startswith("web-1"))
     assert all(
         word in web
         for word in ("online", "plone_instances", "mysite", SHA[:10], "20250101T000000Z", "failed")
     )
-    assert "offline" in next(line for line in table.out.splitlines() if line.startswith("db-1"))
+    assert "offline" in next(line for line in table.stdout.splitlines() if line.startswith("db-1"))
     instances = document.json()["instances"]
     assert instances["web-1"]["status"]["apps"]["mysite"]["status"] == "failed"
     assert instances["db-1"]["presence"]["state"] == "offline"
 
 
 async def test_status_of_an_empty_stack_exits_4(operator: Operator) -> None:
-    result = await cli("status", "--config", str(operator.config))
-    assert result.code == 4 and "no instance has announced itself" in result.err
+    result = await run_cli_async("status", "--config", str(operator.config))
+    assert result.returncode == 4 and "no instance has announced itself" in result.stderr
 
 
 async def test_logs_prints_what_arrives_filtered_as_json_lines(operator: Operator) -> None:
@@ -485,14 +459,14 @@ async def test_logs_prints_what_arrives_filtered_as_json_lines(operator: Operato
     ) as clients:
         tasks = [asyncio.create_task(chatter(c, f"web-{n}")) for n, c in enumerate(clients, 1)]
         started = time.monotonic()
-        result = await cli(
+        result = await run_cli_async(
             "logs", "--instance", "web-2", "--level", "info", "--config", str(operator.config)
         )
         stop.set()
         await asyncio.wait(tasks, timeout=10)
-    assert result.code == 0, result
+    assert result.returncode == 0, result
     assert time.monotonic() - started < 10
-    events = [json.loads(line) for line in result.out.splitlines()]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events, result
     assert {e["instance"] for e in events} == {"web-2"}
     assert {e["level"] for e in events} == {"info", "error"}
@@ -506,22 +480,7 @@ def test_config_push_publishes_the_signed_stack_config_retained(
         "plone_instances: {per_cpu: 1, restart_delay: 5}\n"
         "deploy: {mysite: {environment: {TZ: UTC}}}\n"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "config",
-            "push",
-            str(stack_file),
-            "--config",
-            str(operator.config),
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=60,
-    )
+    result = run_cli("config", "push", str(stack_file), "--config", str(operator.config))
     assert result.returncode == 0, result
     message = retained(operator.port, operator.topics.config)
     signed = parse_message(SignedConfig, message.payload)
@@ -540,21 +499,6 @@ def test_config_push_publishes_the_signed_stack_config_retained(
 def test_config_push_refuses_an_invalid_stack_config(operator: Operator, tmp_path: Path) -> None:
     stack_file = tmp_path / "stack.yaml"
     stack_file.write_text("plone_instances: {per_cpu: lots}\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "config",
-            "push",
-            str(stack_file),
-            "--config",
-            str(operator.config),
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=60,
-    )
+    result = run_cli("config", "push", str(stack_file), "--config", str(operator.config))
     assert result.returncode == 2
     assert "stack_config.plone_instances.per_cpu" in result.stderr

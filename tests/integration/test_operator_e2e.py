@@ -4,7 +4,6 @@ Mosquitto, real git, real buildout): what a CI job that runs `deploy --wait` rel
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,54 +13,29 @@ from pathlib import Path
 
 import pytest
 import yaml
-from agent_helpers import APP, AgentProcess, Operator, events, running_agents
-from mosquitto_helpers import Collector, running_mosquitto
-from site_helpers import REPO, SiteRepo
+from support.agents import APP, AgentProcess, Operator, events, running_agents
+from support.broker import Collector
+from support.cli import cli_env, run_cli
+from support.site import SiteRepo
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def broker(tmp_path: Path):
-    with running_mosquitto(tmp_path / "broker") as broker:
-        yield broker
-
-
-@pytest.fixture
-def operator(broker, tmp_path: Path) -> Operator:
-    return Operator.create(broker.port, tmp_path / "operator")
-
-
 def cli(broker, key: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOY_AGENT_")}
-    env.update(
+    env = cli_env(
         DEPLOY_AGENT_BROKER=f"mqtt://127.0.0.1:{broker.port}",
         DEPLOY_AGENT_STACK="test",
         DEPLOY_AGENT_KEY=str(key),
     )
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-    )
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def fleet(
     tmp_path: Path, broker, repo: SiteRepo, operator: Operator, **web2_overrides
 ) -> tuple[AgentProcess, AgentProcess]:
-    web1 = AgentProcess.create(
-        tmp_path / "web-1",
-        "web-1",
-        port=broker.port,
-        repo=repo,
-        operator=operator,
-        address="127.0.0.2",
-    )
+    web1 = AgentProcess.create(tmp_path, port=broker.port, repo=repo, operator=operator)
     web2 = AgentProcess.create(
-        tmp_path / "web-2",
+        tmp_path,
         "web-2",
         port=broker.port,
         repo=repo,

@@ -23,22 +23,24 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from agent_helpers import STACK, TOPICS, AgentProcess, Operator
-from components import require_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from mosquitto_helpers import free_port, mosquitto_binary
 from paho.mqtt.enums import CallbackAPIVersion
-from site_helpers import SiteRepo
+from support.agents import STACK, TOPICS, AgentProcess, Operator
+from support.cli import run_cli
+from support.components import require_binary
+from support.ports import free_port
+from support.site import REPO, SiteRepo
 
-from agent.core.config import AgentConfig, load_config
+from agent.adapters.configfile import load_config
+from agent.adapters.host import HostFacts
+from agent.core.config import AgentConfig
 from agent.core.plan import Member
-from agent.node.pipeline import HostFacts, Pipeline
-from agent.protocol.protocol import encode
+from agent.node.pipeline import Pipeline
+from agent.protocol import encode
 
-REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "deploy-agent.service"
 MOSQUITTO_CONF = REPO / "config" / "mosquitto.conf"
 MOSQUITTO_ACL = REPO / "config" / "mosquitto.acl"
@@ -81,7 +83,7 @@ def test_unit_restarts_on_failure_but_not_on_a_configuration_error() -> None:
     service = unit()["Service"]
     assert service["Restart"] == "on-failure"
     assert service["RestartPreventExitStatus"].split() == ["2"]
-    from agent.cli import EXIT_USAGE
+    from agent.core.exits import EXIT_USAGE
 
     assert EXIT_USAGE == 2
 
@@ -126,14 +128,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def config_check(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "config", "check", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO,
-    )
+    return run_cli("config", "check", str(path))
 
 
 def fenced(markdown: Path, language: str) -> list[str]:
@@ -286,7 +281,7 @@ class Broker:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    binary = mosquitto_binary()
+    binary = require_binary("mosquitto")
     directory = tmp_path / "mosquitto"
     directory.mkdir()
     tls = self_signed_tls(directory)
@@ -496,8 +491,7 @@ def test_real_agent_runs_through_tls_and_the_acl(
     secret.chmod(0o600)
     operator = Operator.create(broker.port, tmp_path / "operator")
     agent = AgentProcess.create(
-        tmp_path / "web-1",
-        "web-1",
+        tmp_path,
         port=broker.port,
         repo=site_repo,
         operator=operator,

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from site_helpers import REPO, SiteRepo, write_config
+from support.cli import cli_argv, run_cli
+from support.site import REPO, SiteRepo, write_config
 
+from agent.adapters.configfile import load_config
+from agent.adapters.host import HostFacts
 from agent.adapters.releases import ReleaseManager
-from agent.core.config import AgentConfig, load_config
-from agent.node.pipeline import HostFacts, Pipeline
+from agent.core.config import AgentConfig
+from agent.node.pipeline import NO_PROGRESS, Pipeline, _Run
 
 APP = "zeo-site"
 FACTS = HostFacts(cpu_count=2, memory_mb=4096)
@@ -191,7 +194,8 @@ async def test_crash_after_build_before_switch_leaves_a_valid_current(config, si
     mgr.fetch()
     sha = mgr.resolve(None, "main")
     release = mgr.new_release_dir()
-    await pipe.build(mgr, config.apps[APP], release, sha, pipe.render(APP, sha, pipe.settings()))
+    run = _Run(pipe, APP, NO_PROGRESS)
+    await run.build(release, sha, pipe.render(APP, sha, pipe.settings()))
     # The process dies here: the release is built, `current` was never switched.
     assert current(config).name == first.release
     assert (current(config) / "VERSION").read_text() == "1\n"
@@ -202,17 +206,8 @@ async def test_crash_after_build_before_switch_leaves_a_valid_current(config, si
 
 def test_sigkill_during_buildout_leaves_current_on_the_previous_release(tmp_path, site_repo):
     config = write_config(tmp_path, site_repo)
-    cli = [
-        sys.executable,
-        "-m",
-        "agent.cli",
-        "deploy",
-        APP,
-        "--local",
-        "-c",
-        str(tmp_path / "agent.yaml"),
-    ]
-    first = subprocess.run(cli, capture_output=True, text=True, timeout=300, cwd=REPO)
+    cli = ("deploy", APP, "--local", "-c", str(tmp_path / "agent.yaml"))
+    first = run_cli(*cli, timeout=300)
     assert first.returncode == 0, first.stderr
     before = current(config)
     marker = tmp_path / "buildout-running"
@@ -223,7 +218,11 @@ def test_sigkill_during_buildout_leaves_current_on_the_previous_release(tmp_path
     (tmp_path / "agent.yaml").write_text(yaml.safe_dump(data))
     site_repo.commit({"VERSION": "2\n"}, message="v2")
     proc = subprocess.Popen(
-        cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True
+        cli_argv(*cli),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:
@@ -235,7 +234,7 @@ def test_sigkill_during_buildout_leaves_current_on_the_previous_release(tmp_path
     assert (current(config) / "VERSION").read_text() == "1\n"
     data["apps"][APP]["buildout"]["bootstrap"] = []
     (tmp_path / "agent.yaml").write_text(yaml.safe_dump(data))
-    again = subprocess.run(cli, capture_output=True, text=True, timeout=300, cwd=REPO)
+    again = run_cli(*cli, timeout=300)
     assert again.returncode == 0, again.stderr
     assert (current(load_config(tmp_path / "agent.yaml")) / "VERSION").read_text() == "2\n"
 
@@ -248,22 +247,8 @@ def test_cli_exit_status_is_non_zero_when_buildout_fails(tmp_path, site_repo):
             + "\n[client1]\nrecipe = nope\n"
         }
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "deploy",
-            APP,
-            "--local",
-            "--json",
-            "-c",
-            str(tmp_path / "agent.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+    result = run_cli(
+        "deploy", APP, "--local", "--json", "-c", str(tmp_path / "agent.yaml"), timeout=300
     )
     assert result.returncode == 1
     outcome = json.loads(result.stdout)

@@ -16,12 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from components import require_binary
-from site_helpers import SiteRepo, free_port_block, write_config
-from supervisord_helpers import running_supervisord
+from support.components import require_binary
+from support.ports import free_port_block
+from support.site import SiteRepo, write_config
+from support.supervisord import running_supervisord
 
+from agent.adapters.host import HostFacts
 from agent.core.config import AgentConfig
-from agent.node.pipeline import HostFacts, Pipeline
+from agent.node.pipeline import Pipeline
 from agent.node.restart import restarter_for
 
 pytestmark = pytest.mark.slow

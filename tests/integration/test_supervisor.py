@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 import structlog
-from supervisord_helpers import Supervisord, free_port, running_supervisord
+from support.ports import free_port
+from support.supervisord import Supervisord, running_supervisord
 
 from agent.adapters.health import HealthCheckFailed, health_url_for, wait_healthy
 from agent.adapters.supervisor import ProcessInfo, SupervisorClient, match_programs

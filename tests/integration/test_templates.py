@@ -17,7 +17,7 @@ from agent.adapters.templates import (
 from agent.core.config import TemplateConfig
 from agent.core.errors import RenderError
 from agent.core.plan import Member
-from agent.protocol.protocol import ClientInfo
+from agent.protocol import ClientInfo
 
 BACKENDS = (
     "{% for m in layers.plone_instances %}"

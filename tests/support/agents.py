@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mosquitto_helpers import Collector, publish
-from site_helpers import REPO, SiteRepo, write_config
-
 from agent.adapters.keys import generate_keypair, load_private_key
-from agent.protocol.protocol import Command, Event, Topics, encode, parse_message, sign_command
+from agent.protocol import Command, Event, Topics, encode, parse_message, sign_command
+from support.broker import Collector, publish
+from support.cli import cli_argv
+from support.logs import LogFollower, parse_events
+from support.processes import kill_tree, wait_until
+from support.site import REPO, SiteRepo, write_config
 
 STACK = "test"
 TOPICS = Topics("deploy-agent", STACK)
@@ -67,16 +66,19 @@ class AgentProcess:
     @classmethod
     def create(
         cls,
-        directory: Path,
-        name: str,
+        root: Path,
+        name: str = "web-1",
         *,
         port: int,
         repo: SiteRepo,
         operator: Operator,
-        address: str,
+        address: str = "127.0.0.2",
         layers: list[str] | None = None,
         **overrides: Any,
     ) -> AgentProcess:
+        """Instance ``name`` under ``root / name``, on the broker at ``port``, trusting
+        ``operator``; ``overrides`` are dotted configuration keys (see write_config)."""
+        directory = root / name
         directory.mkdir(parents=True, exist_ok=True)
         overrides.setdefault("membership_debounce", 0.5)
         overrides.setdefault("first_deploy", False)  # tests deploy by command unless they say
@@ -103,7 +105,7 @@ class AgentProcess:
         self.log_files.append(log)
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "-c", str(self.config_path)],
+                cli_argv("run", "-c", str(self.config_path)),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
@@ -114,20 +116,21 @@ class AgentProcess:
     def logs(self, *, all_runs: bool = True) -> list[dict[str, Any]]:
         events = []
         for path in self.log_files if all_runs else self.log_files[-1:]:
-            for line in path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    events.append(json.loads(line))
+            events += parse_events(path.read_bytes())
         return events
 
-    def wait_logged(self, event: str, timeout: float = 30, **match: Any) -> dict[str, Any]:
-        """The first such event logged by the current run of the agent."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for item in self.logs(all_runs=False):
-                if item.get("event") == event and all(item.get(k) == v for k, v in match.items()):
-                    return item
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name} never logged {event} {match}: {self.tail()}")
+    def follow(self) -> LogFollower:
+        """A reader of the current run's log, from its start."""
+        return LogFollower(self.log_files[-1], describe=self.name)
+
+    def wait_logged(
+        self, event: str, timeout: float = 30, nth: int = 1, **match: Any
+    ) -> dict[str, Any]:
+        """The ``nth`` (first) such event logged by the current run of the agent."""
+        try:
+            return self.follow().wait_for(event, timeout, nth, interval=0.02, **match)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.tail()}") from None
 
     def tail(self, lines: int = 15) -> str:
         text = "\n".join(p.read_text(errors="replace") for p in self.log_files)
@@ -147,6 +150,12 @@ class AgentProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+    def kill_tree(self) -> None:
+        """SIGKILL the agent and every process below it (buildout runs in its own
+        session, so a plain kill would leave it running; systemd kills the whole cgroup)."""
+        assert self.process is not None
+        kill_tree(self.process)
 
 
 @contextlib.contextmanager
@@ -177,7 +186,7 @@ def results(
     kind: str | None = None,
     after: datetime | None = None,
 ) -> dict[str, Event]:
-    """Final events by instance, for one command (or reconfigures when command is None)."""
+    """Final events by instance, for one command (the first), or the last reconfigure."""
     found = {}
     for event in events(seen):
         if after is not None and event.at <= after:
@@ -188,7 +197,12 @@ def results(
             continue
         if command is None and (event.command_id is not None or (kind and event.kind != kind)):
             continue
-        found[event.instance] = event
+        if command is not None:
+            # The first result is the answer, as for the operator's tracker: a broker that
+            # redelivers a command after a crash gets "already received" afterwards.
+            found.setdefault(event.instance, event)
+        else:
+            found[event.instance] = event
     return found
 
 
@@ -201,12 +215,17 @@ def wait_results(
     kind: str | None = None,
     after: datetime | None = None,
 ) -> dict[str, Event]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def complete() -> dict[str, Event] | None:
         found = results(seen, command, kind=kind, after=after)
-        if instances <= set(found):
-            return found
-        time.sleep(0.2)
-    raise TimeoutError(
-        f"results from {sorted(results(seen, command, kind=kind))}, wanted {sorted(instances)}"
+        return found if instances <= set(found) else None
+
+    found = wait_until(
+        complete,
+        timeout,
+        lambda: (
+            f"results from {sorted(results(seen, command, kind=kind))}, wanted {sorted(instances)}"
+        ),
+        interval=0.1,
     )
+    assert found is not None
+    return found

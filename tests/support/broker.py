@@ -14,19 +14,16 @@ Usage::
 The broker persists to its directory (autosave every second), so persistent sessions,
 their queued QoS 1 messages and retained messages survive ``stop()``/``start()``.
 Teardown kills it even when the test failed. A missing binary fails under CI and skips
-only on a developer's machine.
+only on a developer's machine (support.components).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,37 +33,16 @@ from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as paho
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def mosquitto_binary() -> str:
-    """The Mosquitto executable; missing is a failure in CI, a skip elsewhere."""
-    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
-    if found:
-        return found
-    message = "mosquitto is not installed (apt-get install mosquitto)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from support.components import require_binary
+from support.ports import free_port
+from support.processes import WaitTimeout, wait_until, wait_until_async
 
 
 def _password_file(directory: Path, passwords: dict[str, str]) -> Path:
     """A Mosquitto password file made by mosquitto_passwd (hashed, as in production)."""
-    tool = shutil.which("mosquitto_passwd")
-    if tool is None:
-        message = "mosquitto_passwd is not installed (apt-get install mosquitto)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    tool = require_binary("mosquitto_passwd", "mosquitto")
     path = directory / "passwords"
     path.touch(mode=0o600)
     for user, password in passwords.items():
@@ -89,7 +65,7 @@ class Mosquitto:
         self.log_path = directory / "mosquitto.log"
         self.config_path = directory / "mosquitto.conf"
         self._process: subprocess.Popen[bytes] | None = None
-        self._binary = mosquitto_binary()
+        self._binary = require_binary("mosquitto")
         directory.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self._config(passwords or {}))
 
@@ -125,17 +101,21 @@ class Mosquitto:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited at start-up:\n{self.log_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"mosquitto did not listen on {self.port}:\n{self.log_tail()}")
+        try:
+            wait_until(self._listening, timeout, f"mosquitto did not listen on {self.port}")
+        except WaitTimeout as exc:
+            self.kill()
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
+
+    def _listening(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise RuntimeError(f"mosquitto exited at start-up:\n{self.log_tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM: Mosquitto saves its database and closes client connections cleanly."""
@@ -167,10 +147,12 @@ class Mosquitto:
         ended), so a SIGKILL from now on keeps it. The timeout only bounds a hang."""
         marker = "Saving in-memory database"
         before = self.log_text().count(marker)
-        deadline = time.monotonic() + timeout
-        while self.log_text().count(marker) < before + 2:
-            assert time.monotonic() < deadline, f"the broker never saved:\n{self.log_tail()}"
-            time.sleep(0.05)
+        wait_until(
+            lambda: self.log_text().count(marker) >= before + 2,
+            timeout,
+            lambda: f"the broker never saved:\n{self.log_tail()}",
+            interval=0.05,
+        )
 
 
 @contextmanager
@@ -262,25 +244,25 @@ class Collector:
 
     def wait_for(self, count: int, timeout: float = 10.0, topic: str | None = None) -> list[bytes]:
         """Block until ``count`` messages (on ``topic``) arrived; their payloads."""
-        deadline = time.monotonic() + timeout
-        while len(self.payloads(topic)) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self._checked(count, topic)
+        wait_until(
+            lambda: self._arrived(count, topic), timeout, lambda: self._missing(count, topic)
+        )
+        return self.payloads(topic)
 
     async def gathered(
         self, count: int, timeout: float = 10.0, topic: str | None = None
     ) -> list[bytes]:
         """``wait_for`` for async tests: lets the event loop run while waiting."""
-        deadline = time.monotonic() + timeout
-        while len(self.payloads(topic)) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return self._checked(count, topic)
+        await wait_until_async(
+            lambda: self._arrived(count, topic), timeout, lambda: self._missing(count, topic)
+        )
+        return self.payloads(topic)
 
-    def _checked(self, count: int, topic: str | None) -> list[bytes]:
-        payloads = self.payloads(topic)
-        if len(payloads) < count:
-            raise TimeoutError(f"expected {count} messages on {topic or self._topics}: {payloads}")
-        return payloads
+    def _arrived(self, count: int, topic: str | None) -> bool:
+        return len(self.payloads(topic)) >= count
+
+    def _missing(self, count: int, topic: str | None) -> str:
+        return f"expected {count} messages on {topic or self._topics}: {self.payloads(topic)}"
 
     def close(self) -> None:
         self._client.disconnect()

@@ -14,12 +14,12 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def require_binary(name: str) -> str:
+def require_binary(name: str, package: str | None = None) -> str:
     """The path of a system binary a test needs; missing is a failure in CI."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
     if found:
         return found
-    message = f"{name} is not installed (apt-get install {name}, or run `make test`)"
+    message = f"{name} is not installed (apt-get install {package or name}, or run `make test`)"
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)

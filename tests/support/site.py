@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,11 @@ from typing import Any
 
 import yaml
 
-from agent.core.config import AgentConfig, load_config
+from agent.adapters.configfile import load_config
+from agent.core.config import AgentConfig
+from support.ports import free_port_block
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "zeo-site"
 IGNORED = shutil.ignore_patterns(
     "bin",
@@ -73,26 +74,6 @@ class SiteRepo:
 
     def head(self) -> str:
         return git("rev-parse", "HEAD", cwd=self.work)
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(count: int) -> int:
-    """A base port such that base+1 .. base+count (the clients' ports) are free."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        start = int(sock.getsockname()[1])
-    for base in range(start, start + 2000, count + 1):
-        if base + count < 65000 and all(port_is_free(base + n) for n in range(1, count + 1)):
-            return base
-    raise RuntimeError("no free block of ports")
 
 
 def write_config(root: Path, repo: SiteRepo, **overrides: Any) -> AgentConfig:

@@ -18,7 +18,6 @@ import contextlib
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ from typing import Any
 
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
+
+from support.ports import free_port
+from support.processes import children, wait_until
 
 SERVER_SCRIPT = textwrap.dedent(
     '''
@@ -64,13 +66,6 @@ SERVER_SCRIPT = textwrap.dedent(
     server.serve_forever()
     '''
 )
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -171,18 +166,17 @@ class Supervisord:
     def wait_serving(self, timeout: float = 10.0) -> None:
         """Wait until every program is RUNNING and every HTTP program has bound its port
         (RUNNING alone comes before the port with startsecs = 0)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            infos = self.call("getAllProcessInfo")
+        infos: list[dict[str, Any]] = []
+
+        def serving() -> bool:
+            infos[:] = self.call("getAllProcessInfo")
             started = {pid for _, pid, _ in self.starts()}
-            serving = [
+            return all(
                 i["statename"] == "RUNNING" and (i["name"] not in self.ports or i["pid"] in started)
                 for i in infos
-            ]
-            if all(serving):
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"programs not serving after {timeout}s: {infos}")
+            )
+
+        wait_until(serving, timeout, lambda: f"programs not serving after {timeout}s: {infos}")
 
     def pids(self) -> dict[str, int]:
         return {i["name"]: i["pid"] for i in self.call("getAllProcessInfo")}
@@ -195,15 +189,15 @@ class Supervisord:
         SHUTDOWN (from then on it restarts nothing), terminate the programs ourselves, and
         let it exit; anything that does not is killed.
         """
-        children = _children(self.process.pid)
+        below = children(self.process.pid)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self._wait_for_shutdown_state()
-        for child in children:
+        for child in below:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.terminate()
         self._wait_for_exit()
-        _, alive = psutil.wait_procs(children, timeout=2)
+        _, alive = psutil.wait_procs(below, timeout=2)
         for child in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 if child.status() != psutil.STATUS_ZOMBIE:
@@ -234,13 +228,6 @@ class Supervisord:
             time.sleep(0.01)
 
 
-def _children(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _write_config(
     root: Path,
     socket_path: Path,
@@ -267,19 +254,28 @@ def _write_config(
     return config
 
 
+def _launch(config: Path, root: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "supervisor.supervisord", "-c", str(config), "-n"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=root,
+    )
+
+
 def _wait_until_answering(sv: Supervisord, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answering() -> bool:
         if sv.process.poll() is not None:
             log = (sv.root / "supervisord.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"supervisord exited with {sv.process.returncode}:\n{log}")
         try:
-            if sv.call("getState")["statename"] == "RUNNING":
-                return
+            return bool(sv.call("getState")["statename"] == "RUNNING")
         except (OSError, xmlrpc.client.Error):
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(f"supervisord did not answer on {sv.socket_path} within {timeout}s")
+            return False
+
+    wait_until(
+        answering, timeout, f"supervisord did not answer on {sv.socket_path} within {timeout}s"
+    )
 
 
 @contextmanager
@@ -298,12 +294,7 @@ def running_supervisord(
     http_port = free_port() if http else None
     credentials = {"username": "agent", "password": secrets.token_hex(8)}
     config = _write_config(root, socket_path, http_port, credentials, include)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.supervisord", "-c", str(config), "-n"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=root,
-    )
+    process = _launch(config, root)
     sv = Supervisord(root=root, socket_path=socket_path, process=process, http_port=http_port)
     sv.username, sv.password = credentials["username"], credentials["password"]
     try:
@@ -312,3 +303,16 @@ def running_supervisord(
     finally:
         sv.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@contextmanager
+def supervisord_again(sv: Supervisord, timeout: float = 15.0) -> Iterator[Supervisord]:
+    """Start supervisord again from the same configuration (same socket, same includes)
+    after ``sv.stop()``, as `systemctl start supervisor` would; stopped on the way out."""
+    process = _launch(sv.root / "supervisord.conf", sv.root)
+    again = Supervisord(root=sv.root, socket_path=sv.socket_path, process=process)
+    try:
+        _wait_until_answering(again, timeout)
+        yield again
+    finally:
+        again.stop()

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from agent.core.config import load_config, parse_config
+from agent.adapters.configfile import load_config
+from agent.core.config import parse_config
 from agent.core.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_example_configuration_is_valid():
@@ -86,29 +85,3 @@ def test_unknown_app_names_the_configured_ones():
     config = parse_config({"stack": "s", "apps": {"a": {"repository": "/r"}}})
     with pytest.raises(ConfigError, match=r"unknown app 'b' .*configured apps: a"):
         config.app("b")
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-
-
-def test_config_check_exits_0_on_a_good_file():
-    result = run_cli("config", "check", "config/agent.example.yaml")
-    assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
-
-
-def test_config_check_exits_2_and_lists_problems(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("stack: s\napps:\n  a: {repository: /r, keep_releases: many}\nextra: 1\n")
-    result = run_cli("config", "check", str(bad))
-    assert result.returncode == 2
-    assert "apps.a.keep_releases" in result.stderr
-    assert "extra: unknown key" in result.stderr
-    assert "Traceback" not in result.stderr

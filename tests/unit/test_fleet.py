@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from agent.core.plan import Member
 from agent.node.fleet import Debouncer, Fleet
-from agent.protocol.protocol import AppPresence, ClientInfo, Presence, encode, parse_message
+from agent.protocol import AppPresence, ClientInfo, Presence, encode, parse_message
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 

@@ -14,16 +14,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
 from agent.adapters.keys import (
-    KeyFileError,
-    fingerprint,
     generate_keypair,
     load_private_key,
     load_public_key,
     load_trusted_keys,
     public_key_line,
-    sign_bytes,
-    signed_by,
 )
+from agent.core.errors import KeyFileError
+from agent.protocol import fingerprint, sign_bytes, signed_by
 
 # `ssh-keygen -lf` of this public key prints SHA256:lbmsoA0y... (checked by hand once).
 VECTOR_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))

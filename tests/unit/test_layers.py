@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-AGENT = Path(__file__).resolve().parent.parent / "agent"
+AGENT = Path(__file__).resolve().parents[2] / "agent"
 
 #: What each folder may import from the agent, besides itself.
 ALLOWED: dict[str, set[str]] = {

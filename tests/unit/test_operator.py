@@ -11,6 +11,7 @@ import pytest
 
 from agent.adapters.keys import generate_keypair
 from agent.core.errors import ConfigError
+from agent.core.exits import EXIT_FAILED, EXIT_NO_INSTANCE, EXIT_OK, EXIT_TIMEOUT
 from agent.operator.commands import parse_log
 from agent.operator.config import (
     load_operator_config,
@@ -18,28 +19,26 @@ from agent.operator.config import (
     parse_broker_url,
     signed_stack_config,
 )
-from agent.operator.rollouts import (
-    EXIT_FAILED,
-    EXIT_NO_INSTANCE,
-    EXIT_OK,
-    EXIT_TIMEOUT,
-    Batch,
-    InstanceResult,
+from agent.operator.display import (
     LogFilter,
-    RunReport,
-    Tracker,
     age,
     clean,
-    exit_code,
-    plan_batches,
     render_log,
     render_status,
     render_summary,
-    select_targets,
     short_revision,
+)
+from agent.operator.rollouts import (
+    Batch,
+    InstanceResult,
+    RunReport,
+    Tracker,
+    exit_code,
+    plan_batches,
+    select_targets,
     stop_reason,
 )
-from agent.protocol.protocol import AppPresence, AppStatus, Event, Presence, StatusRecord
+from agent.protocol import AppPresence, AppStatus, Event, Presence, StatusRecord
 
 NOW = datetime(2025, 1, 2, 12, 0, tzinfo=UTC)
 SHA = "3f2a9c0d1e2b3c4d5e6f708192a3b4c5d6e7f809"

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.adapters.keys import fingerprint
 from agent.core.errors import CommandRejected, ConfigError
-from agent.protocol.protocol import (
+from agent.core.names import check_revision
+from agent.protocol import (
     MAX_PAYLOAD_BYTES,
     AppPresence,
     AppStatus,
@@ -29,8 +29,8 @@ from agent.protocol.protocol import (
     StatusRecord,
     Topics,
     canonical_json,
-    check_revision,
     encode,
+    fingerprint,
     parse_command,
     parse_message,
     sign_command,
