@@ -21,7 +21,9 @@ from Testing.makerequest import makerequest
 from zope.component.hooks import setSite
 from zope.globalrequest import setRequest
 
-SITE_ID = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PLONE_SITE_ID", "Plone")
+# bin/client<n> run makes sys.argv [interpreter, "-c", script, args...]
+ARGS = sys.argv[sys.argv.index("-c") + 2 :] if "-c" in sys.argv else sys.argv[1:]
+SITE_ID = ARGS[0] if ARGS else os.environ.get("PLONE_SITE_ID", "Plone")
 TITLE = os.environ.get("PLONE_SITE_TITLE", "Plone site")
 LANGUAGE = os.environ.get("PLONE_SITE_LANGUAGE", "en")
 TIMEZONE = os.environ.get("PLONE_SITE_TIMEZONE", "UTC")

@@ -19,7 +19,9 @@ from Testing.makerequest import makerequest
 from zope.component.hooks import setSite
 from zope.globalrequest import setRequest
 
-SITE_ID = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PLONE_SITE_ID", "Plone")
+# bin/client<n> run makes sys.argv [interpreter, "-c", script, args...]
+ARGS = sys.argv[sys.argv.index("-c") + 2 :] if "-c" in sys.argv else sys.argv[1:]
+SITE_ID = ARGS[0] if ARGS else os.environ.get("PLONE_SITE_ID", "Plone")
 CORE_PROFILE = "Products.CMFPlone:plone"
 
 
@@ -27,9 +29,10 @@ def pending(setup):
     """{profile_id: [upgrade step info]} of the installed profiles with pending steps."""
     found = {}
     for profile_id in setup.listProfilesWithUpgrades():
-        if not setup.getLastVersionForProfile(profile_id) or setup.getLastVersionForProfile(
-            profile_id
-        ) == "unknown":
+        if (
+            not setup.getLastVersionForProfile(profile_id)
+            or setup.getLastVersionForProfile(profile_id) == "unknown"
+        ):
             continue  # not installed
         steps = setup.listUpgrades(profile_id)
         if steps:
@@ -52,8 +55,7 @@ def main(app):
     migration = site.portal_migration
     if migration.needUpgrading():
         print(
-            f"upgrade: Plone {migration.getInstanceVersion()} -> "
-            f"{migration.getFileSystemVersion()}"
+            f"upgrade: Plone {migration.getInstanceVersion()} -> {migration.getFileSystemVersion()}"
         )
         migration.upgrade(swallow_errors=False)
         done.append(CORE_PROFILE)
