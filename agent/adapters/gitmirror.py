@@ -181,6 +181,16 @@ class GitMirror:
         detail = f" ({hint})" if hint else ""
         raise RevisionNotFound(f"revision {wanted or 'HEAD'!r} not found in {where}{detail}")
 
+    def read_file(self, sha: str, path: str) -> str | None:
+        """The text of ``path`` at ``sha`` in the mirror, or None when it has no such file.
+
+        ``path`` is a plain relative path inside the repository (no ``..``): it is read
+        with ``git cat-file``, never from a work tree."""
+        if not SHA_RE.fullmatch(sha) or path.startswith(("/", "-")) or ".." in path.split("/"):
+            return None
+        status, out, _ = self._git([self._dir, "cat-file", "blob", f"{sha}:{path}"])
+        return out if status == 0 else None
+
     def clone_into(self, dest: Path, sha: str) -> None:
         """Check ``sha`` out into the empty dir ``dest``; objects are hard links, .git stays."""
         if not SHA_RE.fullmatch(sha):

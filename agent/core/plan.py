@@ -6,7 +6,7 @@ No I/O here, so every branch is covered by fast unit tests.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,15 +82,35 @@ def client_layout(
 
 @dataclass(frozen=True)
 class Member:
-    """One instance of the stack as seen through its presence message."""
+    """One instance of the stack as seen through its presence message.
+
+    ``online`` means "its endpoints count in rendered configuration": true while its agent
+    is online, stopped or unreachable (within ``member_timeout``), false once it is
+    leaving or expired. ``state`` is what its agent last said (docs/architecture.md,
+    "Membership"), for templates and the status view.
+    """
 
     id: str
     address: str
     layers: tuple[str, ...]
     online: bool = True
+    state: str = "online"
 
 
 def first_online(members: tuple[Member, ...] | list[Member], layer: str) -> Member | None:
     """The member the cookbook would pick for a single-server layer: first online by id."""
     candidates = sorted((m for m in members if m.online and layer in m.layers), key=lambda m: m.id)
     return candidates[0] if candidates else None
+
+
+def service_member(
+    members: tuple[Member, ...] | list[Member], layer: str, pins: Mapping[str, str]
+) -> Member | None:
+    """The member serving a single-server layer (ZEO server, Solr, Celery broker): the one
+    the fleet pinned for that layer while it still counts, else the first by id. A pin
+    keeps the choice stable when another member of the layer joins."""
+    pinned = pins.get(layer)
+    for member in members:
+        if member.id == pinned and member.online and layer in member.layers:
+            return member
+    return first_online(members, layer)

@@ -197,7 +197,8 @@ def test_a_burst_of_hostile_messages_is_rejected_and_the_agent_keeps_serving(
         assert presence.layers == ["plone_instances"] and presence.apps[APP].revision
     cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
     assert not [m for m in MARKERS if m in cfg], cfg
-    assert "plone_instances = 127.0.0.2\n" in cfg
+    # The instance's own facts, and nothing any presence said (the fleet is not in it).
+    assert "instance_address = 127.0.0.2\n" in cfg and "[instances]" not in cfg
     logged = {e.get("event") for e in agent.logs()}
     assert "mqtt.handler_failed" not in logged
     assert "Traceback" not in agent.tail(lines=10_000)

@@ -70,28 +70,62 @@ def test_deploy_cfg_has_the_sections_cookbook_buildouts_read():
     assert cfg["buildout"]["download-cache"] == f"{ROOT}/shared/downloads"
     assert cfg["zeo-host"]["address"] == "10.0.0.5:8001"
     assert cfg["zeoserver"]["address"] == "${zeo-host:address}"
+    # plone.recipe.zeoserver listens on zeo-address; storages are the shared dirs
+    # themselves (ZODB rmtree's its blob dir when it creates a Data.fs: not a symlink).
+    assert cfg["zeoserver"]["zeo-address"] == "${zeo-host:address}"
+    assert cfg["zeoserver"]["file-storage"] == f"{ROOT}/shared/var/filestorage/Data.fs"
+    assert cfg["zeoserver"]["blob-storage"] == f"{ROOT}/shared/var/blobstorage"
+    assert cfg["client1"]["blob-storage"] == f"{ROOT}/shared/var/blobstorage"
     assert cfg["client1"]["zodb-cache-size"] == "30000"
-    assert cfg["client1"]["zserver-threads"] == "2"
-    assert cfg["client1"]["zeo-client-client"] == "zeoclient-1"
+    assert cfg["client1"]["threads"] == "2"  # WSGI Zope (plone.recipe.zope2instance >= 6)
+    assert cfg["client1"]["zserver-threads"] == "2"  # ZServer-era buildouts
+    # Cache names carry the app (two sites on one host never share one), in shared/.
+    assert cfg["client1"]["zeo-client-client"] == "mysite-client1"
+    assert cfg["client1"]["zeo-var"] == f"{ROOT}/shared/cache/zeo"
     assert cfg["client1"]["http-fast-listen"] == "off"
     assert cfg["client1"]["http-address"] == "8081"
     assert cfg["client2"]["<"] == "client1"
     assert cfg["client2"]["http-address"] == "8082"
-    assert cfg["client2"]["zeo-client-client"] == "zeoclient-2"
+    assert cfg["client2"]["zeo-client-client"] == "mysite-client2"
     assert cfg["deploy"]["client_names"] == "client1 client2"
     assert cfg["deploy"]["client_ports"] == "8081 8082"
     assert cfg["deploy"]["current"] == f"{ROOT}/current"
-    assert cfg["instances"]["zeoserver"] == "10.0.0.5"
+    # Only what the app's buildout reads: who else is online is not in deploy.cfg.
+    assert not cfg.has_section("instances")
 
 
-def test_environment_vars_are_sorted_and_include_the_egg_cache():
+def test_environment_vars_are_sorted_and_include_the_shared_caches():
     text = render_deploy_cfg(
         make_input(
             {"plone_instances": {}, "deploy": {"mysite": {"environment": {"ZZ": "1", "AA": "2"}}}}
         )
     ).decode()
-    block = text.split("environment-vars +=\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert block == ["    AA 2", f"    PYTHON_EGG_CACHE {ROOT}/shared/eggs", "    ZZ 1"]
+    block = text.split("environment-vars =\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert block == [
+        "    AA 2",
+        f"    CHAMELEON_CACHE {ROOT}/shared/cache/chameleon",
+        f"    PYTHON_EGG_CACHE {ROOT}/shared/cache/python-eggs",
+        "    ZZ 1",
+    ]
+
+
+def test_environment_is_merged_with_the_base_config_one_value_per_name_the_stack_wins():
+    """Zope refuses a variable given twice ("too many values for 'TZ'"), and a plain
+    ``=`` drops what the base set: deploy.cfg writes the union, the stack's value winning,
+    and keeps the base's own buildout syntax as it is."""
+    base = {"TZ": "UTC", "zope_i18n_compile_mo_files": "true", "HOME": "${buildout:directory}"}
+    text = render_deploy_cfg(
+        make_input(
+            {"deploy": {"mysite": {"environment": {"TZ": "Europe/Paris"}}}},
+            base_environment=base,
+        )
+    ).decode()
+    block = text.split("environment-vars =\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    names = [line.split()[0] for line in block]
+    assert names == sorted(set(names)), "one line per variable, sorted"
+    assert "    TZ Europe/Paris" in block
+    assert "    zope_i18n_compile_mo_files true" in block
+    assert "    HOME ${buildout:directory}" in block
 
 
 def test_rendering_is_deterministic_whatever_the_key_order():
@@ -178,28 +212,28 @@ def test_dollar_signs_from_data_cannot_trigger_buildout_substitution():
     cfg = render_deploy_cfg(
         make_input(
             {
-                "deploy": {"mysite": {"environment": {"X": "${buildout:directory}"}}},
-                "extra": {"k": "$HOME"},
+                "deploy": {"mysite": {"environment": {"X": "${buildout:directory}"}, "k": "$HOME"}},
             }
         )
     )
     assert b"X $${buildout:directory}" in cfg
-    assert b"extra.k = $$HOME" in cfg
+    assert b"deploy.mysite.k = $$HOME" in cfg
 
 
 def test_option_names_from_data_cannot_inject():
     with pytest.raises(RenderError, match="not a valid buildout option name"):
-        render_deploy_cfg(make_input({"bad key = x\n[s]": 1}))
+        render_deploy_cfg(make_input({"plone_instances": {"bad key = x\n[s]": 1}}))
     with pytest.raises(RenderError, match="not a variable name"):
         render_deploy_cfg(make_input({"deploy": {"mysite": {"environment": {"A B": "1"}}}}))
 
 
 def test_multiline_stack_config_values_become_indented_continuation_lines():
-    cfg = render_deploy_cfg(make_input({"notes": {"text": "one\n[buildout]\nparts = evil"}}))
+    notes = {"text": "one\n[buildout]\nparts = evil"}
+    cfg = render_deploy_cfg(make_input({"deploy": {"mysite": {"notes": notes}}}))
     parsed = parse(cfg)
     assert parsed.sections().count("buildout") == 1
     assert "evil" not in parsed["buildout"].get("parts", "")
-    assert b"notes.text =\n    one\n    [buildout]\n    parts = evil" in cfg
+    assert b"deploy.mysite.notes.text =\n    one\n    [buildout]\n    parts = evil" in cfg
 
 
 @given(
@@ -211,7 +245,7 @@ def test_multiline_stack_config_values_become_indented_continuation_lines():
 )
 def test_arbitrary_stack_values_never_add_sections_or_options(extra):
     try:
-        cfg = render_deploy_cfg(make_input({"custom": extra}))
+        cfg = render_deploy_cfg(make_input({"deploy": {"mysite": {"custom": extra}}}))
     except RenderError:
         return
     parsed = parse(cfg)
@@ -222,13 +256,36 @@ def test_arbitrary_stack_values_never_add_sections_or_options(extra):
         "client1",
         "client2",
         "deploy",
-        "instances",
         "stack_config",
     }
-    assert (
-        all(k.startswith(("custom.", "plone", "deploy")) for k in parsed["stack_config"])
-        or not extra
+    assert all(k.startswith("deploy.mysite.custom.") for k in parsed["stack_config"])
+
+
+def test_keys_of_other_apps_and_layers_never_reach_this_apps_deploy_cfg():
+    """A change to a key another app or the balancer uses rebuilds nothing here."""
+    base = {"plone_instances": {"instance_count": 2}, "deploy": {"mysite": {}}}
+    other = {
+        **base,
+        "haproxy": {"bind": "*:80"},
+        "deploy": {"mysite": {}, "othersite": {"environment": {"A": "1"}}},
+    }
+    assert render_deploy_cfg(make_input(base)) == render_deploy_cfg(make_input(other))
+
+
+def test_who_else_is_online_never_changes_deploy_cfg():
+    zeo = Member("zeo-1", "10.0.0.5", ("zeoserver",))
+    alone = (Member("web-1", "10.0.0.12", ("plone_instances",)), zeo)
+    crowd = (*alone, Member("web-2", "10.0.0.13", ("plone_instances",)))
+    assert render_deploy_cfg(make_input(members=alone)) == render_deploy_cfg(
+        make_input(members=crowd)
     )
+
+
+def test_a_pinned_zeo_member_stays_the_zeo_host_when_another_joins():
+    old = Member("zeo-b", "10.0.0.6", ("zeoserver",))
+    new = Member("zeo-a", "10.0.0.5", ("zeoserver",))
+    cfg = parse(render_deploy_cfg(make_input(members=(new, old), pins={"zeoserver": "zeo-b"})))
+    assert cfg["zeo-host"]["address"] == "10.0.0.6:8001"
 
 
 def test_a_zeoserver_only_instance_gets_no_client_sections():

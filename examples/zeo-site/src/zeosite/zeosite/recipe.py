@@ -160,7 +160,8 @@ class ZeoServer(_Recipe):
         conf.write_text(
             ZEO_CONF.format(
                 part=self.name,
-                address=self.options["address"],
+                # plone.recipe.zeoserver reads zeo-address; the cookbook also wrote address.
+                address=self.options.get("zeo-address") or self.options["address"],
                 file_storage=filestorage,
                 blob_dir=blobstorage,
             ),
@@ -189,15 +190,19 @@ class Client(_Recipe):
         blob_dir = self.path("blob-storage", "var/blobstorage")
         for directory in (self.root / "var", blob_dir):
             ensure_dir(directory)
+        # zope2instance 6+ (WSGI) reads threads; ZServer-era buildouts zserver-threads.
+        threads = self.number("threads", self.options.get("zserver-threads", "2"))
+        cache_dir = Path(opts.get("zeo-var", "") or self.root / "var")
+        cache_dir.mkdir(parents=True, exist_ok=True)
         config = {
             "name": self.name,
             "host": host,
             "port": port,
-            "threads": self.number("zserver-threads", "2"),
+            "threads": threads,
             "zeo_address": opts["zeo-address"],
             "blob_dir": str(blob_dir.resolve()),  # shared with the server, see ZeoServer
             "client": opts.get("zeo-client-client", "") or None,
-            "cache_dir": str(self.root / "var"),
+            "cache_dir": str(cache_dir),
             "zodb_cache_size": self.number("zodb-cache-size", "30000"),
             "zeo_cache_size": opts.get("zeo-client-cache-size", "20MB"),
             "environment": parse_env(opts.get("environment-vars", "")),
