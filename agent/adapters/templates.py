@@ -54,6 +54,9 @@ def _member_dict(member: Member, clients: Sequence[ClientInfo]) -> dict[str, Any
         "address": member.address,
         "layers": list(member.layers),
         "online": member.online,
+        # online, stopped, unreachable: what its agent last said (an agent restarting does
+        # not re-render templates; its endpoints stay until it leaves)
+        "state": member.state,
         "clients": [{"name": c.name, "port": c.port} for c in clients],
     }
 

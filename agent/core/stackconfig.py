@@ -7,9 +7,18 @@ a Custom JSON carries keys for other cookbooks too, and they all go into ``[stac
 
 from __future__ import annotations
 
+import ipaddress
+from fnmatch import fnmatchcase
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.core.errors import ConfigError
 
@@ -68,9 +77,71 @@ class AppDeploySettings(Loose):
         return data
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _network(entry: str) -> IpNetwork | None:
+    """The address range an entry names (``10.0.0.0/24``, or one address), else None."""
+    try:
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return None
+
+
+def _address_in(address: str, network: IpNetwork) -> bool:
+    try:
+        return ipaddress.ip_address(address) in network
+    except ValueError:
+        return False
+
+
+class Roster(BaseModel):
+    """Who may hold which layer (``stack_config.roster``): per layer, instance ids, fnmatch
+    globs of ids (``web-*``) and/or address ranges (``10.0.0.0/24``, or one address).
+
+    A presence's claim to a layer counts only when one entry of that layer matches its id
+    or its address. A layer the roster does not name is held by nobody but the instance
+    itself (list ``"*"`` to let any instance claim it).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    layers: dict[str, tuple[str, ...]]
+
+    def allows(self, layer: str, instance_id: str, address: str | None) -> bool:
+        for entry in self.layers.get(layer, ()):
+            network = _network(entry)
+            if network is not None:
+                if address and _address_in(address, network):
+                    return True
+            elif fnmatchcase(instance_id, entry):
+                return True
+        return False
+
+    def refused(self, instance_id: str, address: str | None, layers: list[str]) -> list[str]:
+        """The claimed layers this roster does not give the instance, sorted."""
+        return sorted({x for x in layers if not self.allows(x, instance_id, address)})
+
+
 class StackSettings(Loose):
     plone_instances: PloneInstances = Field(default_factory=PloneInstances)
     deploy: dict[str, AppDeploySettings] = Field(default_factory=dict)
+    #: Layer -> ids, globs and address ranges (see ``Roster``); None: any claim counts.
+    roster: dict[str, list[str]] | None = None
+
+    @field_validator("roster")
+    @classmethod
+    def _roster_entries(cls, roster: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        for layer, entries in (roster or {}).items():
+            for entry in entries:
+                if not entry or ("/" in entry and _network(entry) is None):
+                    raise ValueError(f"{layer}: {entry!r} is neither an id, a glob nor a range")
+        return roster
+
+    def roster_view(self) -> Roster | None:
+        if self.roster is None:
+            return None
+        return Roster(layers={k: tuple(v) for k, v in self.roster.items()})
 
     def app(self, name: str) -> AppDeploySettings:
         return self.deploy.get(name) or AppDeploySettings()

@@ -24,6 +24,7 @@ from agent.protocol import (
     Command,
     Event,
     Presence,
+    PresenceState,
     StatusRecord,
 )
 
@@ -80,11 +81,36 @@ def presence(
     )
 
 
-def offline(config: AgentConfig) -> Presence:
-    """The Last Will, and what a clean shutdown publishes."""
+def final(last: Presence, state: PresenceState) -> Presence:
+    """What this agent says of its instance as it goes: its last presence (address,
+    layers, clients, apps: the others keep the endpoints of a ``stopped`` instance) with
+    ``state`` ``stopped`` (the agent stops, the services keep running) or ``leaving``
+    (the instance is being removed)."""
+    return last.model_copy(update={"state": state, "since": now()})
+
+
+def will(last: Presence) -> Presence:
+    """The Last Will: the broker lost the agent, nobody knows about the services."""
+    return final(last, "unreachable")
+
+
+def leaving(config: AgentConfig) -> Presence:
+    """``deploy-agent leave``: the instance is being removed; its endpoints go out."""
     return Presence(
         instance=config.instance.id,
-        state="offline",
+        state="leaving",
+        address=config.instance.address,
+        layers=list(config.instance.layers),
+        agent_version=__version__,
+        since=now(),
+    )
+
+
+def offline(config: AgentConfig, state: PresenceState = "stopped") -> Presence:
+    """A minimal non-online presence of this instance (no clients, no apps)."""
+    return Presence(
+        instance=config.instance.id,
+        state=state,
         address=config.instance.address,
         layers=list(config.instance.layers),
         agent_version=__version__,

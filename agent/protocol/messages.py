@@ -38,7 +38,14 @@ FinalStatus = Literal[OutcomeStatus, "rejected", "interrupted"]
 EventStatus = Literal["started", "progress", FinalStatus]
 FINAL_STATUSES: frozenset[str] = frozenset(get_args(OutcomeStatus)) | {"rejected", "interrupted"}
 OK_STATUSES: frozenset[str] = frozenset({"succeeded", "unchanged"})
-PresenceState = Literal["online", "offline"]
+#: What the *agent* of an instance is doing (docs/architecture.md, "Membership"): its
+#: services keep running while it is ``stopped`` or ``unreachable``; only ``leaving``
+#: takes its endpoints out of the others' configuration at once. ``offline`` is what
+#: agents before these states said, in their will and at a clean stop: read as
+#: ``unreachable``.
+PresenceState = Literal["online", "stopped", "unreachable", "leaving", "offline"]
+#: The states in which an instance's endpoints still count, until ``member_timeout``.
+RESTING_STATES: frozenset[str] = frozenset({"stopped", "unreachable", "offline"})
 
 SignatureText = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{86}==$")]
 KeyId = Annotated[str, StringConstraints(pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")]
@@ -132,7 +139,7 @@ class ClientInfo(_Message):
 
 
 class Presence(_Message):
-    """Retained announcement of an instance; its Last Will flips ``state`` to offline."""
+    """Retained announcement of an instance; its Last Will flips ``state`` to unreachable."""
 
     instance: Name
     state: PresenceState

@@ -23,7 +23,9 @@ from support.agents import (
     wait_results,
 )
 from support.broker import Collector, publish, retained
+from support.cli import run_cli
 from support.components import require_binary
+from support.processes import wait_until
 from support.site import REPO, SiteRepo
 
 from agent.protocol import Presence, StatusRecord, encode, parse_message
@@ -167,27 +169,33 @@ def test_bad_commands_are_rejected_with_a_reason_and_the_agent_keeps_serving(
         assert web1.process is not None and web1.process.poll() is None
 
 
-def test_sigkill_marks_the_agent_offline_and_the_others_reconfigure(
+def test_sigkill_marks_the_agent_unreachable_and_the_others_change_nothing(
     tmp_path, broker, operator, site_repo
 ):
+    """Its clients keep serving: an unreachable agent is no reason to re-render."""
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
     with Collector(broker.port, ["deploy-agent/test/events/+"]) as seen, running_agents(web1, web2):
         command = operator.command("deploy")
         operator.send(command)
         wait_results(seen, command, {"web-1", "web-2"})
-        cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
-        assert "plone_instances = 127.0.0.2 127.0.0.3" in cfg
-        killed_at = datetime.now(UTC)
+        releases = sorted((tmp_path / "web-1" / "srv" / APP / "releases").iterdir())
+        follower = web1.follow()
         web2.kill()
-        deadline = time.monotonic() + 30
-        while presence_of(broker, "web-2").state != "offline":
-            assert time.monotonic() < deadline, "the Last Will never marked web-2 offline"
-            time.sleep(0.5)
-        found = wait_results(seen, None, {"web-1"}, kind="configure", timeout=60, after=killed_at)
-        assert found["web-1"].status == "succeeded", found["web-1"].message
-        cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
-        assert "plone_instances = 127.0.0.2\n" in cfg
+        # The will fires after 1.5 keepalives; web-1 logs the state as it applies it.
+        follower.wait_for("fleet.member_state", 60, member="web-2", state="unreachable")
+        assert presence_of(broker, "web-2").state == "unreachable"
+        after = follower.seen[
+            next(
+                i
+                for i, e in enumerate(follower.seen)
+                if e.get("event") == "fleet.member_state"
+                and e.get("member") == "web-2"
+                and e.get("state") == "unreachable"
+            ) :
+        ]
+        assert not [e for e in after if e.get("event") in ("fleet.changed", "configure.queued")]
+        assert sorted((tmp_path / "web-1" / "srv" / APP / "releases").iterdir()) == releases
 
 
 def test_a_burst_of_joins_gives_one_debounced_reconfigure(tmp_path, broker, operator, site_repo):
@@ -210,7 +218,8 @@ def test_a_burst_of_joins_gives_one_debounced_reconfigure(tmp_path, broker, oper
             )
             publish(broker.port, TOPICS.instance(f"web-{n}"), encode(joining), retain=True)
         found = wait_results(seen, None, {"web-1"}, kind="configure", timeout=60, after=joined_at)
-        assert found["web-1"].status == "succeeded", found["web-1"].message
+        # Who else is online is not in deploy.cfg: the reconfigure built nothing.
+        assert found["web-1"].status == "unchanged", found["web-1"].message
         logged = web1.logs(all_runs=False)
         deployed = next(
             i
@@ -224,8 +233,6 @@ def test_a_burst_of_joins_gives_one_debounced_reconfigure(tmp_path, broker, oper
         # to change, no second one can follow.
         assert len(changes) == 3, [logged[i] for i in changes]
         assert len(queued) == 1 and queued[0] > changes[-1], [logged[i] for i in queued]
-        cfg = (tmp_path / "web-1" / "srv" / APP / "current" / "deploy.cfg").read_text()
-        assert "plone_instances = 127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5" in cfg
 
 
 def test_broker_restart_mid_deploy_agents_reconnect_and_report(
@@ -250,7 +257,7 @@ def test_broker_restart_mid_deploy_agents_reconnect_and_report(
         assert len([e for e in web1.logs() if e.get("event") == "mqtt.connected"]) >= 2
 
 
-def test_sigterm_waits_for_the_running_deploy_then_publishes_offline(
+def test_sigterm_waits_for_the_running_deploy_then_publishes_stopped(
     tmp_path, broker, operator, site_repo
 ):
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
@@ -262,7 +269,19 @@ def test_sigterm_waits_for_the_running_deploy_then_publishes_offline(
         web1.wait_logged("pipeline.phase", phase="buildout", status="started")
         assert web1.stop(signal.SIGTERM) == 0
         assert results(seen, command)["web-1"].status == "succeeded"
-        assert presence_of(broker, "web-1").state == "offline"
+        stopped = presence_of(broker, "web-1")
+        # Its clients keep running: the others keep its endpoints (and need them).
+        assert stopped.state == "stopped" and stopped.clients and stopped.address == "127.0.0.2"
+
+
+def test_sigterm_while_the_host_shuts_down_says_leaving(tmp_path, broker, operator, site_repo):
+    """systemd's `is-system-running` says "stopping" during a shutdown (shutdown_probe)."""
+    probe = [sys.executable, "-c", "print('stopping')"]
+    web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2", shutdown_probe=probe)
+    with running_agents(web1):
+        web1.wait_logged("fleet.synced")
+    assert presence_of(broker, "web-1").state == "leaving"
+    assert web1.wait_logged("agent.offline_published")["state"] == "leaving"
 
 
 def test_sigkill_mid_deploy_is_reported_interrupted_and_current_stays_valid(
@@ -294,7 +313,7 @@ def test_sigkill_mid_deploy_is_reported_interrupted_and_current_stays_valid(
         assert (tmp_path / "web-1" / "srv" / APP / "current" / "VERSION").read_text() == "2\n"
 
 
-def test_a_frontend_rewrites_its_haproxy_backends_when_instances_come_and_go(
+def test_a_frontend_keeps_a_stopped_backend_and_drops_one_that_leaves(
     tmp_path, broker, operator, site_repo
 ):
     backends = tmp_path / "lb" / "haproxy.cfg"
@@ -321,18 +340,29 @@ def test_a_frontend_rewrites_its_haproxy_backends_when_instances_come_and_go(
     )
     web1 = agent(tmp_path, "web-1", broker, site_repo, operator, "127.0.0.2")
     web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
+
+    def written(text: str, present: bool = True) -> None:
+        wait_until(
+            lambda: backends.exists() and (text in backends.read_text()) == present,
+            60,
+            lambda: f"{text} {'never' if present else 'still'} in the backends\n{lb.tail()}",
+            interval=0.1,
+        )
+
     with running_agents(lb, web1):
-        deadline = time.monotonic() + 60
-        while not backends.exists() or "127.0.0.2:" not in backends.read_text():
-            assert time.monotonic() < deadline, lb.tail()
-            time.sleep(0.3)
+        written("127.0.0.2:")
         with running_agents(web2):
-            while "127.0.0.3:" not in backends.read_text():
-                assert time.monotonic() < deadline + 60, lb.tail()
-                time.sleep(0.3)
-        while "127.0.0.3:" in backends.read_text():  # web-2 stopped: offline, removed
-            assert time.monotonic() < deadline + 120, lb.tail()
-            time.sleep(0.3)
+            written("127.0.0.3:")
+        # web-2's agent stopped, its clients did not: the frontend keeps the backend.
+        lb.wait_logged("fleet.member_state", 60, member="web-2", state="stopped")
+        assert "127.0.0.3:" in backends.read_text()
+        with running_agents(web2):
+            # A real leave while its agent runs: the agent goes, saying leaving.
+            left = run_cli("leave", "-c", str(web2.config_path))
+            assert left.returncode == 0, left.stderr
+            assert web2.process is not None and web2.process.wait(60) == 0
+            written("127.0.0.3:", present=False)
+        assert presence_of(broker, "web-2").state == "leaving"
         haproxy = require_binary("haproxy")
         check = subprocess.run(
             [haproxy, "-c", "-q", "-f", str(backends)], capture_output=True, text=True
@@ -356,3 +386,44 @@ def test_a_new_instance_deploys_the_revision_the_stack_runs_when_it_starts(
             assert found["web-2"].status == "succeeded", found["web-2"].message
             assert found["web-2"].details["revision"] == deployed != site_repo.head()
             assert presence_of(broker, "web-2").apps[APP].revision == deployed
+
+
+def test_a_stopped_backend_goes_after_member_timeout(tmp_path, broker, operator, site_repo):
+    """The timer re-checks when the stopped member is due; the normal reconfigure follows."""
+    backends = tmp_path / "lb" / "haproxy.cfg"
+    backends.parent.mkdir()
+    template = {
+        "source": str(REPO / "config" / "haproxy.cfg.tmpl"),
+        "destination": str(backends),
+        "reload": [sys.executable, "-c", "pass"],
+        "layers": ["frontend"],
+    }
+    lb = agent(
+        tmp_path,
+        "lb-1",
+        broker,
+        site_repo,
+        operator,
+        "127.0.0.9",
+        member_timeout=3,
+        **{
+            "instance.layers": ["frontend"],
+            "templates": [template],
+            "stack_config.haproxy": {"bind": "127.0.0.1:8000", "user": "", "group": "", "log": ""},
+        },
+    )
+    web2 = agent(tmp_path, "web-2", broker, site_repo, operator, "127.0.0.3")
+    with running_agents(lb):
+        with running_agents(web2):
+            wait_until(
+                lambda: backends.exists() and "127.0.0.3:" in backends.read_text(),
+                60,
+                lambda: f"web-2 never became a backend\n{lb.tail()}",
+            )
+        lb.wait_logged("fleet.member_state", 60, member="web-2", state="stopped")
+        lb.wait_logged("fleet.member_expired", 60)
+        wait_until(
+            lambda: "127.0.0.3:" not in backends.read_text(),
+            60,
+            lambda: f"web-2 stayed a backend after member_timeout\n{lb.tail()}",
+        )

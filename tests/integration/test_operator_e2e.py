@@ -85,7 +85,15 @@ def test_one_failed_instance_exits_1_and_names_it(tmp_path, broker, operator, si
 def test_an_instance_that_does_not_answer_times_out_with_exit_3(
     tmp_path, broker, operator, site_repo
 ):
-    web1, web2 = fleet(tmp_path, broker, site_repo, operator)
+    # A keepalive longer than the test, so web-2 stays retained online however slowly the
+    # CLI starts: its Last Will cannot fire before the deploy times out.
+    web1, web2 = fleet(
+        tmp_path,
+        broker,
+        site_repo,
+        operator,
+        **{"broker.keepalive": 600},
+    )
     with running_agents(web1, web2):
         assert web2.process is not None
         web2.process.send_signal(signal.SIGSTOP)  # alive, retained online, silent

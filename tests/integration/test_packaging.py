@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
-from support.agents import STACK, TOPICS, AgentProcess, Operator
+from support.agents import AgentProcess, Operator
 from support.cli import run_cli
 from support.components import require_binary
 from support.ports import free_port
@@ -39,14 +39,17 @@ from agent.adapters.host import HostFacts
 from agent.core.config import AgentConfig
 from agent.core.plan import Member
 from agent.node.pipeline import Pipeline
-from agent.protocol import encode
+from agent.protocol import Topics, encode
 
 UNIT = REPO / "systemd" / "deploy-agent.service"
 MOSQUITTO_CONF = REPO / "config" / "mosquitto.conf"
 MOSQUITTO_ACL = REPO / "config" / "mosquitto.acl"
 MIGRATION = REPO / "docs" / "migration-from-opsworks.md"
 OPERATOR, CI_USER = "alice@ops", "ci@ops"
-PASSWORDS = {"web-1": "pw-web-1", "web-2": "pw-web-2", OPERATOR: "pw-alice", CI_USER: "pw-ci"}
+MYSITE = Topics("deploy-agent", "mysite")
+#: Agent accounts of the shipped ACL: `<stack>-<instance>`, stack "mysite".
+WEB1, WEB2 = "mysite-web-1", "mysite-web-2"
+PASSWORDS = {WEB1: "pw-web-1", WEB2: "pw-web-2", OPERATOR: "pw-alice", CI_USER: "pw-ci"}
 
 
 # --- the systemd unit -------------------------------------------------------------------
@@ -394,12 +397,13 @@ class Client:
         self.client.loop_stop()
 
 
-P = f"deploy-agent/{STACK}"
+P = "deploy-agent/mysite"
+OTHER = "deploy-agent/prod"
 
 
 def test_broker_refuses_anonymous_clients_and_wrong_passwords(broker: Broker) -> None:
     anonymous = Client(broker, None)
-    wrong = Client(broker, "web-1", "not-the-password")
+    wrong = Client(broker, WEB1, "not-the-password")
     try:
         assert anonymous.refused
         assert wrong.refused
@@ -411,7 +415,7 @@ def test_broker_refuses_anonymous_clients_and_wrong_passwords(broker: Broker) ->
 def test_agent_may_announce_itself_but_not_another_instance_nor_command(
     broker: Broker,
 ) -> None:
-    operator, agent = Client(broker, OPERATOR), Client(broker, "web-1")
+    operator, agent = Client(broker, OPERATOR), Client(broker, WEB1)
     try:
         operator.subscribe("deploy-agent/#")
         for denied in (
@@ -420,6 +424,12 @@ def test_agent_may_announce_itself_but_not_another_instance_nor_command(
             f"{P}/status/web-2",
             f"{P}/commands",
             f"{P}/config",
+            # Its own id under another stack: joining stack prod is refused too.
+            f"{OTHER}/instances/web-1",
+            f"{OTHER}/events/web-1",
+            f"{OTHER}/status/web-1",
+            f"{OTHER}/logs/web-1",
+            f"{OTHER}/commands",
         ):
             agent.publish(denied)
         for allowed in ("events", "status", "logs", "instances"):  # instances last: the marker
@@ -436,20 +446,47 @@ def test_agent_reads_commands_config_and_presence_but_not_the_others_results(
     broker: Broker,
 ) -> None:
     """Mosquitto grants every subscription and filters on delivery: check what arrives."""
-    agent, other = Client(broker, "web-1"), Client(broker, "web-2")
+    agent, other = Client(broker, WEB1), Client(broker, WEB2)
+    operator = Client(broker, OPERATOR)
     try:
         for topic in ("events", "status", "logs", "instances"):
-            agent.subscribe(f"{P}/{topic}/+")
+            agent.subscribe(f"deploy-agent/+/{topic}/+")
+        agent.subscribe("deploy-agent/+/config")
+        agent.subscribe("deploy-agent/+/commands")
+        # Another stack's retained configuration, commands and presences: never delivered.
+        operator.publish(f"{OTHER}/config", retain=True)
+        operator.publish(f"{OTHER}/commands")
+        operator.publish(f"{OTHER}/instances/web-9", retain=True)
         for topic in ("events", "status", "logs", "instances"):  # instances last: the marker
             other.publish(f"{P}/{topic}/web-2")
         assert agent.wait_for(f"{P}/instances/web-2") == [f"{P}/instances/web-2"]
     finally:
         agent.close()
         other.close()
+        operator.close()
+
+
+def test_an_agent_account_cannot_read_another_stack_even_when_subscribing_late(
+    broker: Broker,
+) -> None:
+    """Retained messages of another stack are filtered on the replay too."""
+    operator = Client(broker, OPERATOR)
+    agent = None
+    try:
+        operator.publish(f"{OTHER}/config", retain=True)
+        operator.publish(f"{OTHER}/instances/db-1", retain=True)
+        operator.publish(f"{P}/config", retain=True)  # the marker: our own stack's config
+        agent = Client(broker, WEB1)
+        agent.subscribe("deploy-agent/#")
+        assert agent.wait_for(f"{P}/config") == [f"{P}/config"]
+    finally:
+        operator.close()
+        if agent is not None:
+            agent.close()
 
 
 def test_operator_may_publish_commands_and_config_that_agents_receive(broker: Broker) -> None:
-    operator, agent = Client(broker, OPERATOR), Client(broker, "web-1")
+    operator, agent = Client(broker, OPERATOR), Client(broker, WEB1)
     try:
         agent.subscribe(f"{P}/commands")
         agent.subscribe(f"{P}/config")
@@ -464,13 +501,13 @@ def test_operator_may_publish_commands_and_config_that_agents_receive(broker: Br
 def test_ci_user_may_deploy_its_stack_only(broker: Broker) -> None:
     """The shipped ACL gives the user ci@ops the stack mysite (as docs/ci.md shows)."""
     mine = "deploy-agent/mysite"
-    ci, agent = Client(broker, CI_USER), Client(broker, "web-1")
+    ci, agent = Client(broker, CI_USER), Client(broker, WEB1)
     try:
         agent.subscribe("deploy-agent/+/commands")
         agent.subscribe(f"{mine}/config")
         ci.subscribe(f"{mine}/logs/+")
         ci.subscribe(f"{mine}/events/+")
-        ci.publish(f"deploy-agent/{STACK}/commands")
+        ci.publish(f"{OTHER}/commands")
         ci.publish(f"{mine}/config")
         ci.publish(f"{mine}/commands")
         assert agent.wait_for(f"{mine}/commands") == [f"{mine}/commands"]
@@ -487,7 +524,7 @@ def test_real_agent_runs_through_tls_and_the_acl(
 ) -> None:
     """Everything `deploy-agent run` subscribes and publishes is allowed for its instance."""
     secret = tmp_path / "broker.pass"
-    secret.write_text(PASSWORDS["web-1"] + "\n")
+    secret.write_text(PASSWORDS[WEB1] + "\n")
     secret.chmod(0o600)
     operator = Operator.create(broker.port, tmp_path / "operator")
     agent = AgentProcess.create(
@@ -496,11 +533,12 @@ def test_real_agent_runs_through_tls_and_the_acl(
         repo=site_repo,
         operator=operator,
         address="127.0.0.1",
+        stack="mysite",
         broker={
             "host": "127.0.0.1",
             "port": broker.port,
             "keepalive": 5,
-            "username": "web-1",
+            "username": WEB1,
             "password_file": str(secret),
             "tls": {"ca": str(broker.ca)},
         },
@@ -510,13 +548,16 @@ def test_real_agent_runs_through_tls_and_the_acl(
         watcher.subscribe("deploy-agent/#")
         agent.start()
         agent.wait_logged("mqtt.connected")
-        watcher.wait_for(TOPICS.instance("web-1"))
+        watcher.wait_for(MYSITE.instance("web-1"))
+        # The barrier (our own presence coming back) passes on the shipped ACL.
+        agent.wait_logged("fleet.synced")
         unsigned = operator.command("deploy", sign=False)
-        watcher.publish(TOPICS.commands, encode(unsigned))
-        watcher.wait_for(TOPICS.events("web-1"))
+        watcher.publish(MYSITE.commands, encode(unsigned))
+        watcher.wait_for(MYSITE.events("web-1"))
         assert not [e for e in agent.logs() if e.get("event") == "mqtt.subscribe_refused"]
+        assert not [e for e in agent.logs() if e.get("event") == "fleet.barrier_timeout"]
     finally:
         assert agent.stop(timeout=30) == 0, agent.tail()
         watcher.close()
-    offline = [json.loads(p) for t, p in watcher.messages if t == TOPICS.instance("web-1")]
-    assert offline[-1]["state"] == "offline"
+    offline = [json.loads(p) for t, p in watcher.messages if t == MYSITE.instance("web-1")]
+    assert offline[-1]["state"] == "stopped"
