@@ -28,9 +28,9 @@ import psutil
 from bench_common import Arrival, Observer, first, ms, percentile, quiet_logs, results_from
 
 # isort: split
-from agent_helpers import TOPICS, AgentProcess, Operator
-from mosquitto_helpers import running_mosquitto
-from site_helpers import SiteRepo
+from support.agents import TOPICS, AgentProcess, Operator
+from support.broker import running_mosquitto
+from support.site import SiteRepo
 
 from agent.protocol import encode
 
@@ -64,7 +64,7 @@ def rig(**overrides: Any) -> Iterator[Rig]:
         with running_mosquitto(base / "broker") as broker:
             operator = Operator.create(broker.port, base / "operator")
             agent = AgentProcess.create(
-                base / "web-1",
+                base,
                 "web-1",
                 port=broker.port,
                 repo=repo,

@@ -21,7 +21,7 @@ from typing import Any
 from bench_common import ms, percentile, quiet_logs
 
 # isort: split
-from site_helpers import SiteRepo, write_config
+from support.site import SiteRepo, write_config
 
 from agent.adapters.host import HostFacts
 from agent.core.config import AgentConfig

@@ -31,8 +31,8 @@ import psutil
 from bench_common import Observer, ms, percentile, quiet_logs, raise_fd_limit, results_from
 
 # isort: split
-from agent_helpers import STACK, TOPICS, Operator
-from mosquitto_helpers import running_mosquitto
+from support.agents import STACK, TOPICS, Operator
+from support.broker import running_mosquitto
 
 from agent.adapters.keys import load_trusted_keys
 from agent.adapters.mqtt import MqttSession, Outgoing

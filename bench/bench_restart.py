@@ -24,7 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from supervisord_helpers import Supervisord, running_supervisord  # noqa: E402
+from support.supervisord import Supervisord, running_supervisord  # noqa: E402
 
 from agent.adapters.supervisor import SupervisorClient  # noqa: E402
 from agent.node.rolling import RestartPlan, restart_programs  # noqa: E402

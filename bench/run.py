@@ -31,6 +31,7 @@ from typing import Any
 import bench_agent
 import bench_deploy
 import bench_fanout
+import bench_plone
 import bench_releases
 import bench_restart
 import psutil
@@ -65,6 +66,7 @@ BENCHES: dict[str, Bench] = {
     "latency": Bench(bench_agent.latency, {"commands": 50}, {"commands": 10}),
     "fanout": Bench(bench_fanout.main, {"agents": 300, "rounds": 5}, {"agents": 100, "rounds": 2}),
     "idle": Bench(bench_agent.idle, {"window": 30.0}, {"window": 10.0}),
+    "plone": Bench(bench_plone.main, {"rounds": 2}, {"rounds": 1}),
 }
 
 
@@ -185,6 +187,29 @@ ROWS: list[Row] = [
         "cpu_percent",
         "%",
         "{cpu_seconds} CPU s in {window_s} s (10 ms ticks); keepalive 30 s",
+    ),
+    Row(
+        "plone",
+        "Plone config-only build, old bootstrap",
+        "old_build_s",
+        "s",
+        "checkout+deploy.cfg+bootstrap+buildout, venv per release: bootstrap "
+        "{old_bootstrap_s} s; median of {rounds}",
+    ),
+    Row(
+        "plone",
+        "Plone config-only build, reused",
+        "reused_build_s",
+        "s",
+        "shared venv linked in {reused_bootstrap_s} s; release {reused_release_mb} MB "
+        "(old {old_release_mb} MB)",
+    ),
+    Row(
+        "plone",
+        "Plone build phase reused/old",
+        "build_ratio",
+        "x",
+        "target <= 0.40; whole deploy {reused_total_s} s vs {old_total_s} s, no supervisor",
     ),
 ]
 

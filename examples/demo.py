@@ -74,15 +74,24 @@ def stop_previous() -> None:
     shutil.rmtree(DEMO, ignore_errors=True)
 
 
-def make_repository(directory: Path = DEMO) -> tuple[Path, Path]:
-    """A git repository of the example site: a work tree to commit from and a bare
+def make_repository(directory: Path = DEMO, source: Path = HERE / APP) -> tuple[Path, Path]:
+    """A git repository of an example site: a work tree to commit from and a bare
     upstream to deploy from."""
     work, bare = directory / "site-work", directory / "site.git"
     shutil.copytree(
-        HERE / APP,
+        source,
         work,
         ignore=shutil.ignore_patterns(
-            "bin", "parts", "develop-eggs", ".installed.cfg", "var", "__pycache__", "*.egg-info"
+            "bin",
+            "parts",
+            "develop-eggs",
+            ".installed.cfg",
+            "var",
+            "__pycache__",
+            "*.egg-info",
+            "lib",
+            "include",
+            "pyvenv.cfg",
         ),
     )
     git("init", "-q", "-b", "main", cwd=work)
@@ -118,6 +127,8 @@ def write_config(bare: Path, base_port: int, zeo_port: int) -> Path:
                 "layers": ["plone_instances"],
                 "keep_releases": 3,
                 "buildout": {"command": ["buildout", "-c", "deploy.cfg"], "timeout": 600},
+                # The example site's buildout writes its own supervisord programs.
+                "programs": {"generate": False},
                 "restart": {
                     "programs": ["client*"],
                     "health_url": "http://127.0.0.1:{port}/health",
@@ -141,28 +152,33 @@ def write_config(bare: Path, base_port: int, zeo_port: int) -> Path:
     return path
 
 
-def start_supervisord() -> None:
-    conf = DEMO / "supervisord.conf"
+def start_supervisord(
+    directory: Path = DEMO, sock: Path | None = None, include: str | None = None
+) -> None:
+    """A private supervisord under ``directory``, including ``include`` (a glob)."""
+    sock = sock or socket_path()
+    include = include or f"{DEMO}/srv/{APP}/current/etc/supervisor/*.conf"
+    conf = directory / "supervisord.conf"
     conf.write_text(f"""[unix_http_server]
-file = {socket_path()}
+file = {sock}
 
 [supervisord]
-logfile = {DEMO}/supervisord.log
-pidfile = {DEMO}/supervisord.pid
-childlogdir = {DEMO}
+logfile = {directory}/supervisord.log
+pidfile = {directory}/supervisord.pid
+childlogdir = {directory}
 
 [rpcinterface:supervisor]
 supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 
 [supervisorctl]
-serverurl = unix://{socket_path()}
+serverurl = unix://{sock}
 
 [include]
-files = {DEMO}/srv/{APP}/current/etc/supervisor/*.conf
+files = {include}
 """)
     subprocess.run([str(BIN / "supervisord"), "-c", str(conf)], check=True)
     deadline = time.monotonic() + 15
-    while not socket_path().exists() and time.monotonic() < deadline:
+    while not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -128,6 +128,8 @@ def write_agent_config(
                 "keep_releases": 3,
                 "layers": ["plone_instances", "zeoserver"],
                 "buildout": {"command": ["buildout", "-c", "deploy.cfg"], "timeout": 600},
+                # The example site's buildout writes its own supervisord programs.
+                "programs": {"generate": False},
                 "restart": {
                     "programs": ["client*"],
                     "health_url": "http://127.0.0.1:{port}/health",

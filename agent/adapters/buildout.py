@@ -19,6 +19,13 @@ from pathlib import Path
 
 import structlog
 
+from agent.adapters.bootstrap import (
+    PROBE_TIMEOUT,
+    NotReusable,
+    bootstrap_key,
+    prepare,
+    prune_unused,
+)
 from agent.core.errors import BuildoutFailed
 
 log = structlog.get_logger(__name__)
@@ -117,13 +124,47 @@ async def run_buildout(
     command: Sequence[str],
     timeout: float,
     environment: Mapping[str, str] | None = None,
+    bootstrap_cache: Path | None = None,
 ) -> float:
-    """Bootstrap commands then buildout, all within one overall timeout; returns seconds."""
+    """Bootstrap commands then buildout, all within one overall timeout; returns seconds.
+
+    With ``bootstrap_cache`` (``apps.<app>.buildout.reuse_bootstrap``), the bootstrap runs
+    once per digest of its inputs in a shared directory there and the release is linked to
+    it (``agent.adapters.bootstrap``); without, it runs in the release as it always did.
+    """
     deadline = time.monotonic() + timeout
     env = subprocess_env(environment)
-    steps = [(f"bootstrap[{i}]", argv) for i, argv in enumerate(bootstrap)]
-    steps.append(("buildout", command))
     total = 0.0
+    steps = [(f"bootstrap[{i}]", argv) for i, argv in enumerate(bootstrap)]
+    if bootstrap and bootstrap_cache is not None:
+        try:
+            key = await bootstrap_key(
+                release,
+                bootstrap,
+                env=env,
+                environment=environment or {},
+                timeout=min(PROBE_TIMEOUT, max(1.0, deadline - time.monotonic())),
+            )
+        except NotReusable as exc:
+            log.warning("bootstrap.not_reusable", reason=str(exc))
+        else:
+
+            async def run(argv: Sequence[str], cwd: Path, step: str, limit: float) -> float:
+                return await run_step(argv, cwd=cwd, step=step, timeout=limit, env=env)
+
+            prepared = await prepare(
+                release,
+                key,
+                cache=bootstrap_cache,
+                bootstrap=bootstrap,
+                run=run,
+                deadline=deadline,
+            )
+            total += prepared.seconds
+            steps = []
+    elif bootstrap_cache is not None:
+        await prune_unused(bootstrap_cache, release.parent, deadline=deadline)
+    steps.append(("buildout", command))
     for step, argv in steps:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -114,3 +114,35 @@ async def wait_healthy(url: str, *, timeout: float, interval: float = POLL_INTER
         url=safe,
         last_error=last_error,
     )
+
+
+async def wait_listening(address: str, *, timeout: float, interval: float = POLL_INTERVAL) -> float:
+    """Wait until ``host:port`` accepts a TCP connection (a ZEO server is ready when it
+    listens: RUNNING alone says only that it has not died yet); returns the seconds.
+
+    Raises HealthCheckFailed after ``timeout`` seconds, with the last error."""
+    host, _, port_text = address.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{address!r} is not host:port") from None
+    started = time.monotonic()
+    deadline = started + timeout
+    last_error = "no answer yet"
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            async with asyncio.timeout(min(PROBE_TIMEOUT, remaining)):
+                _, writer = await asyncio.open_connection(host or "127.0.0.1", port)
+            writer.close()
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await _closed(writer)
+            return time.monotonic() - started
+        except (OSError, TimeoutError) as exc:
+            last_error = str(exc) or type(exc).__name__
+        await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    log.warning("health.timeout", address=address, timeout=timeout, last_error=last_error)
+    raise HealthCheckFailed(
+        f"{address} did not accept connections within {timeout:g}s (last: {last_error})",
+        url=address,
+        last_error=last_error,
+    )

@@ -1,17 +1,38 @@
 """The pipeline's restart step: the ``Restarter`` port, and its supervisord implementation
-(the app's restart settings become a ``RestartPlan`` for ``agent.node.rolling``)."""
+(the app's restart settings become a ``RestartPlan`` for ``agent.node.rolling``).
+
+Also the programs the agent writes for supervisord (``<root>/<app>/supervisor.conf``,
+rendered by ``agent.core.programs``), and the record of the release each program was
+started from (``<root>/<app>/.programs.json``), which decides whether the ZEO server must
+be restarted and which releases prune must keep.
+"""
 
 from __future__ import annotations
 
+import configparser
+import contextlib
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+import structlog
+
 from agent.adapters.configfile import read_secret
-from agent.adapters.supervisor import SupervisorClient
+from agent.adapters.files import atomic_write
+from agent.adapters.releases import ReleaseManager
+from agent.adapters.supervisor import ProcessInfo, SupervisorClient
 from agent.core.config import AgentConfig, AppConfig, SupervisorConfig
+from agent.core.errors import ReleaseError, RestartHalted
 from agent.core.plan import ClientLayout
-from agent.node.rolling import RestartPlan, restart_programs
+from agent.core.programs import ProgramsInput, render_programs
+from agent.core.stackconfig import StackSettings
+from agent.node.rolling import RestartPlan, RestartReport, restart_programs
+
+log = structlog.get_logger(__name__)
+
+PROGRAMS_CONF = "supervisor.conf"
 
 
 class Restarter(Protocol):
@@ -30,17 +51,67 @@ class Restarter(Protocol):
     async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]: ...
 
 
+def write_programs(
+    config: AgentConfig, app: str, settings: StackSettings, layout: ClientLayout
+) -> Path | None:
+    """Write ``<root>/<app>/supervisor.conf`` (atomically, only when its bytes change) for
+    an app with ``programs.generate``; its path, or None when the buildout writes its own.
+
+    supervisord reads it at the next ``reloadConfig``, which the restart step calls."""
+    cfg = config.app(app)
+    if not cfg.programs.generate:
+        return None
+    app_root = Path(config.paths.root).absolute() / app
+    data = render_programs(
+        ProgramsInput(
+            app=app,
+            app_root=PurePosixPath(app_root),
+            layout=layout,
+            layers=tuple(config.instance.layers),
+            plone=settings.plone_instances,
+            config=cfg.programs,
+        )
+    )
+    path = app_root / PROGRAMS_CONF
+    if cfg.programs.logs == "shared":
+        with contextlib.suppress(OSError):  # supervisord says so if it cannot log there
+            (app_root / "shared" / "var" / "log").mkdir(parents=True, exist_ok=True)
+    try:
+        unchanged = path.read_bytes() == data
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            raise ReleaseError(f"cannot write the supervisord programs {path}: {exc}") from exc
+        log.info("programs.written", path=str(path), bytes=len(data))
+    return path
+
+
 class SupervisorRestarter:
     """Health-gated restarts of an app's programs through supervisord's XML-RPC API."""
 
-    def __init__(self, config: SupervisorConfig) -> None:
+    def __init__(self, config: SupervisorConfig, *, root: Path | None = None) -> None:
         self.config = config
+        self.root = root
 
     def client(self) -> SupervisorClient:
         return SupervisorClient(
             self.config.url,
             username=self.config.username,
             password=read_secret(self.config.password_file),
+        )
+
+    def manager(self, app: str, config: AppConfig) -> ReleaseManager | None:
+        if self.root is None:
+            return None
+        return ReleaseManager(
+            root=self.root,
+            app=app,
+            repository=config.repository,
+            keep_releases=config.keep_releases,
+            shared_dirs=config.shared_dirs,
         )
 
     async def restart(
@@ -52,40 +123,129 @@ class SupervisorRestarter:
         restart_delay: float,
         only: list[str] | None = None,
     ) -> dict[str, Any]:
+        client = self.client()
+        mgr = self.manager(app, config)
+        active = await client.list_processes()
+        self.refresh(mgr, active)
+        services = self.services(mgr, config, active)
+        zeoserver = config.programs.zeoserver_name
+        programs = only or config.restart.programs
         if layout.count == 0 and not only:
-            # No ZEO clients here (a database server): apply supervisord's configuration
-            # as `supervisorctl update` would, so a new ZEO server program starts.
-            diff = await self.client().update()
-            return {
-                "programs": [],
-                "added": diff.added,
-                "changed": diff.changed,
-                "removed": diff.removed,
-                "seconds": 0.0,
-            }
+            if not await _knows(client, zeoserver, active):
+                # No ZEO clients here and no ZEO server: apply supervisord's configuration
+                # as `supervisorctl update` would.
+                diff = await client.update()
+                return {
+                    "programs": [],
+                    "added": diff.added,
+                    "changed": diff.changed,
+                    "removed": diff.removed,
+                    "seconds": 0.0,
+                }
+            programs = [zeoserver]  # a database server: its ZEO server is the roll
         plan = RestartPlan(
-            programs=only or config.restart.programs,
+            programs=programs,
             strategy=config.restart.strategy,
             restart_delay=restart_delay,
             health_url=config.restart.health_url,
             health_timeout=config.restart.health_timeout,
+            health_rise=config.restart.health_rise,
+            health_interval=config.restart.health_interval,
+            max_unavailable=config.restart.max_unavailable,
             ports=layout.ports,
+            services=services,
+            listen=self.listen_checks(mgr, config),
         )
-        report = await restart_programs(self.client(), plan)
-        return {
-            "programs": [asdict(p) for p in report.restarted],
-            "removed": report.removed,
-            "seconds": round(report.seconds, 2),
-        }
+        try:
+            report = await restart_programs(client, plan)
+        except RestartHalted as exc:
+            self.record(mgr, [*exc.restarted, exc.program])
+            raise
+        self.record(mgr, [*report.supporting, *(r.name for r in report.restarted)], report.removed)
+        return _summary(report)
+
+    def listen_checks(self, mgr: ReleaseManager | None, config: AppConfig) -> dict[str, str]:
+        """The ZEO server is up when it listens where deploy.cfg says (``[deploy]
+        zeo_address`` of the live release)."""
+        current = mgr.current() if mgr is not None else None
+        if current is None:
+            return {}
+        parser = configparser.RawConfigParser(strict=False, interpolation=None)
+        try:
+            parser.read_string((current.path / "deploy.cfg").read_text(encoding="utf-8"))
+            address = parser.get("deploy", "zeo_address", fallback="")
+        except (OSError, configparser.Error, UnicodeDecodeError):
+            return {}
+        return {config.programs.zeoserver_name: address} if ":" in address else {}
+
+    def services(
+        self, mgr: ReleaseManager | None, config: AppConfig, active: list[ProcessInfo]
+    ) -> dict[str, bool]:
+        """The ZEO server, and whether it must be restarted before the clients: when it
+        is not running, or what it runs differs between its release and ``current``."""
+        name = config.programs.zeoserver_name
+        proc = next((p for p in active if p.name == name), None)
+        if proc is None or proc.statename != "RUNNING":
+            return {name: True}
+        if mgr is None:
+            return {name: False}
+        current = mgr.current()
+        if current is None:
+            return {name: False}
+        running = mgr.release_of_pid(proc.pid) if proc.pid else None
+        running = running or mgr.recorded_programs().get(name)
+        if running is None:
+            # Started before the agent kept a record: compare with the release before.
+            previous = mgr.previous()
+            running = previous.name if previous else current.name
+        if running == current.name:
+            return {name: False}
+        files = config.programs.zeoserver_files
+        before = mgr.files_digest(running, files)
+        after = mgr.files_digest(current.name, files)
+        changed = before is None or before != after
+        log.info(
+            "restart.zeoserver_check",
+            program=name,
+            running_from=running,
+            current=current.name,
+            changed=changed,
+            reason="its release is gone" if before is None else None,
+        )
+        return {name: changed}
+
+    def refresh(self, mgr: ReleaseManager | None, active: list[ProcessInfo]) -> None:
+        """Correct the record from what the processes show where we may look (supervisord
+        restarts a crashed program from ``current`` without asking us)."""
+        if mgr is None:
+            return
+        record = mgr.recorded_programs()
+        seen = {p.name: mgr.release_of_pid(p.pid) for p in active if p.pid}
+        fixed = {n: r for n, r in seen.items() if r is not None and record.get(n) != r}
+        if fixed:
+            _try_record(mgr, dict(fixed))
+
+    def record(
+        self, mgr: ReleaseManager | None, started: list[str], removed: list[str] | None = None
+    ) -> None:
+        """Note that ``started`` now run from ``current`` (what supervisord resolved their
+        ``directory`` to); prune keeps those releases while they run."""
+        if mgr is None:
+            return
+        current = mgr.current()
+        if current is None:
+            return
+        _try_record(mgr, dict.fromkeys(started, current.name), removed or ())
 
     async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
         """Start, health-gated, the app's programs that are not RUNNING; their names."""
         client = self.client()
         processes = await client.list_processes()
+        patterns = [*config.restart.programs, config.programs.zeoserver_name]
         stopped = [
             p.name
             for p in processes
-            if any(fnmatch.fnmatchcase(p.name, pattern) for pattern in config.restart.programs)
+            if any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns)
             and p.statename != "RUNNING"
         ]
         if stopped:
@@ -93,6 +253,37 @@ class SupervisorRestarter:
         return stopped
 
 
+def _try_record(
+    mgr: ReleaseManager, started: dict[str, str | None], removed: Sequence[str] = ()
+) -> None:
+    """A record that cannot be written costs prune its knowledge, not the restart."""
+    try:
+        mgr.record_programs(started, removed=removed)
+    except ReleaseError as exc:
+        log.warning("programs.record_failed", app=mgr.app, error=str(exc))
+
+
+async def _knows(client: SupervisorClient, name: str, active: list[ProcessInfo]) -> bool:
+    """True when supervisord runs ``name`` or has it in its configuration files."""
+    if any(p.name == name for p in active):
+        return True
+    diff = await client.reload_config()
+    return name in diff.added
+
+
+def _summary(report: RestartReport) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "programs": [asdict(p) for p in report.restarted],
+        "removed": report.removed,
+        "seconds": round(report.seconds, 2),
+    }
+    if report.supporting:
+        summary["started_first"] = report.supporting
+    return summary
+
+
 def restarter_for(config: AgentConfig) -> SupervisorRestarter | None:
     """None when no supervisor is configured: the pipeline then says it skipped restarts."""
-    return SupervisorRestarter(config.supervisor) if config.supervisor else None
+    if not config.supervisor:
+        return None
+    return SupervisorRestarter(config.supervisor, root=Path(config.paths.root))

@@ -161,3 +161,62 @@ async def test_a_client_that_crashes_at_start_halts_the_roll_and_the_result_name
         tally.check(app, precious, None)
     print(f"\nclient2 crashing at start: {outcome.message}")
     tally.report()
+
+
+async def test_a_zeo_server_that_does_not_start_halts_before_any_client_and_rollback_restores(
+    tmp_path: Path, site_repo: SiteRepo
+) -> None:
+    """Generated programs; a commit breaks the ZEO server's configuration (its zeo.conf
+    changes, so it is restarted first). It never comes up: no client is touched, and
+    on_failure: rollback puts the previous release back and the server with it."""
+    tally = FaultTally("ZEO server failures")
+    include = f"{tmp_path}/srv/*/supervisor.conf"
+    with running_supervisord(tmp_path / "sv", include=[include]) as sv:
+        config = write_config(
+            tmp_path,
+            site_repo,
+            clients=2,
+            supervisor={"url": sv.url},
+            **{
+                f"apps.{APP}.programs": {
+                    "generate": True,
+                    "startsecs": 1,
+                    "zeoserver_startsecs": 1,
+                    "startretries": 0,
+                },
+                f"apps.{APP}.restart.health_timeout": 15,
+                f"apps.{APP}.restart.on_failure": "rollback",
+            },
+        )
+        pipeline = Pipeline(
+            config, restarter=restarter_for(config), facts=HostFacts(cpu_count=2, memory_mb=4096)
+        )
+        first = await pipeline.deploy(APP)
+        assert first.status == "succeeded", first.message
+        app = config.paths.root / APP
+        precious = Precious.write(app)
+        base = config.stack_config["plone_instances"]["base_port"]
+        clients = {n: get(f"http://127.0.0.1:{base + n}/").split()[3] for n in (1, 2)}
+        recipe = "src/zeosite/zeosite/recipe.py"
+        good = (site_repo.work / recipe).read_text()
+        assert "invalidation-queue-size 100" in good
+        site_repo.commit({recipe: good.replace("queue-size 100", "queue-size lots")})
+        tally.tried += 1
+        outcome = await pipeline.deploy(APP)
+        assert outcome.status == "failed" and outcome.error == "restart-halted", outcome.message
+        assert "zeoserver did not come back healthy" in outcome.message, outcome.message
+        assert "restarted before it: none" in outcome.message
+        assert outcome.release == first.release and "rolled back" in outcome.message
+        assert (app / "current").resolve().name == first.release
+        wait_all_running(sv)
+        # The clients were never restarted, and serve from the restored ZEO server.
+        for n, pid in clients.items():
+            assert get(f"http://127.0.0.1:{base + n}/").split()[3] == pid
+        wait_until(
+            lambda: get(f"http://127.0.0.1:{base + 1}/health") is not None,
+            30,
+            "client1 not healthy again",
+        )
+        tally.check(app, precious, None)
+    print(f"\nZEO server not starting: {outcome.message}")
+    tally.report()

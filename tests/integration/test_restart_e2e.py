@@ -4,6 +4,7 @@ at once (the OpsWorks way) does; a client that never becomes healthy halts the r
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -19,7 +20,7 @@ import pytest
 from support.components import require_binary
 from support.ports import free_port_block
 from support.site import SiteRepo, write_config
-from support.supervisord import running_supervisord
+from support.supervisord import Supervisord, running_supervisord
 
 from agent.adapters.host import HostFacts
 from agent.core.config import AgentConfig
@@ -312,3 +313,79 @@ async def test_a_new_client_count_adds_and_removes_programs_one_at_a_time(site):
     with pytest.raises(OSError):
         get(f"http://127.0.0.1:{ports[1]}/")
     assert get(f"http://127.0.0.1:{ports[0]}/").split()[2] == "client=client1"
+
+
+def supervisor_pids(sv: Supervisord) -> dict[str, int]:
+    return {i["name"]: i["pid"] for i in sv.call("getAllProcessInfo")}
+
+
+async def test_generated_programs_from_an_empty_supervisord_and_a_zeo_server_kept_running(
+    tmp_path: Path, site_repo: SiteRepo
+) -> None:
+    """supervisord starts with one include, <root>/*/supervisor.conf, and no programs: the
+    first deploy writes the app's file and starts the ZEO server, then the clients one at
+    a time. A new commit leaves the ZEO server running from its release, which prune keeps;
+    a new ZEO address (its zeo.conf changed) restarts it first, and prune lets go."""
+    include = f"{tmp_path}/srv/*/supervisor.conf"
+    with running_supervisord(tmp_path / "sv", include=[include]) as sv:
+        assert sv.call("getAllProcessInfo") == []
+        config = write_config(
+            tmp_path,
+            site_repo,
+            clients=2,
+            supervisor={"url": sv.url},
+            **{
+                f"apps.{APP}.programs": {"generate": True, "startsecs": 1},
+                f"apps.{APP}.keep_releases": 2,
+                f"apps.{APP}.restart.programs": ["zeoserver", "client*"],
+            },
+        )
+        app = config.paths.root / APP
+        first = await pipeline(config).deploy(APP)
+        assert first.status == "succeeded", first.message
+        conf = (app / "supervisor.conf").read_text()
+        assert f"command = {app}/current/bin/client1 console" in conf
+        assert f"command = {app}/current/bin/zeoserver fg" in conf
+        report = first.details["restart"]
+        assert report["started_first"] == ["zeoserver"]
+        assert [(p["name"], p["action"]) for p in report["programs"]] == [
+            ("client1", "added"),
+            ("client2", "added"),
+        ]
+        base = config.stack_config["plone_instances"]["base_port"]
+        assert get(f"http://127.0.0.1:{base + 2}/").split()[1] == "version=1"
+        server_pid = supervisor_pids(sv)["zeoserver"]
+
+        for version in (2, 3):
+            site_repo.commit({"VERSION": f"{version}\n"})
+            outcome = await pipeline(config).deploy(APP)
+            assert outcome.status == "succeeded", outcome.message
+            names = [p["name"] for p in outcome.details["restart"]["programs"]]
+            assert names == ["client1", "client2"], "the ZEO server did not change"
+            assert supervisor_pids(sv)["zeoserver"] == server_pid
+        assert get(f"http://127.0.0.1:{base + 1}/").split()[1] == "version=3"
+        # keep_releases 2, but the ZEO server still runs from the first release.
+        releases = sorted(p.name for p in (app / "releases").iterdir())
+        assert first.release in releases and len(releases) == 3, releases
+        record = json.loads((app / ".programs.json").read_text())["programs"]
+        assert record["zeoserver"] == first.release
+
+        moved = write_config(
+            tmp_path,
+            site_repo,
+            clients=2,
+            supervisor={"url": sv.url},
+            **{
+                f"apps.{APP}.programs": {"generate": True, "startsecs": 1},
+                f"apps.{APP}.keep_releases": 2,
+                f"apps.{APP}.restart.programs": ["zeoserver", "client*"],
+                "stack_config.plone_instances.base_port": base,
+            },
+        )
+        outcome = await pipeline(moved).deploy(APP)
+        assert outcome.status == "succeeded" and outcome.decision == "config-changed"
+        names = [p["name"] for p in outcome.details["restart"]["programs"]]
+        assert names == ["zeoserver", "client1", "client2"], outcome.details
+        assert supervisor_pids(sv)["zeoserver"] != server_pid
+        assert get(f"http://127.0.0.1:{base + 1}/health")
+        assert first.release not in {p.name for p in (app / "releases").iterdir()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +43,9 @@ def plan(sv: Supervisord, **kwargs: object) -> RestartPlan:
     defaults: dict[str, object] = {
         "programs": ["client*"],
         "health_url": HEALTH,
-        "health_timeout": 5.0,
+        "health_timeout": 30.0,  # bounds a hang; healthy programs pass as soon as they answer
         "ports": sv.ports,
+        "health_rise": 0,  # the balancer's rise has its own tests below
     }
     return RestartPlan(**{**defaults, **kwargs})  # type: ignore[arg-type]
 
@@ -133,7 +135,7 @@ async def test_unhealthy_program_halts_the_roll_and_later_programs_keep_their_pi
     before = sv.pids()
 
     with pytest.raises(RestartHalted) as halted:
-        await restart_programs(client, plan(sv, health_timeout=1.0))
+        await restart_programs(client, plan(sv, health_timeout=10.0))
 
     assert halted.value.program == "client2"
     assert halted.value.restarted == ["client1"]
@@ -177,7 +179,7 @@ async def test_strategy_all_reports_the_unhealthy_program(sv: Supervisord) -> No
     sv.add_program("client2", mode="bad")
     client = with_clients(sv, "client1")
     with pytest.raises(RestartHalted) as halted:
-        await restart_programs(client, plan(sv, strategy="all", health_timeout=1.0))
+        await restart_programs(client, plan(sv, strategy="all", health_timeout=10.0))
     assert (halted.value.program, halted.value.restarted) == ("client2", ["client1"])
 
 
@@ -365,3 +367,189 @@ def test_health_url_template_gets_name_and_port() -> None:
         health_url_for("http://h:{port}/", name="c1", port=None)
     with pytest.raises(ConfigError, match="only use"):
         health_url_for("http://h:{host}/", name="c1", port=1)
+
+
+# --- configured order, services, the balancer's rise -----------------------------------------
+
+
+async def test_programs_restart_in_the_configured_order_natural_within_each_entry(
+    sv: Supervisord,
+) -> None:
+    client = with_clients(sv, "client10", "client2", "client1", "db")
+    report = await restart_programs(client, plan(sv, programs=["db", "client2", "client*"]))
+    assert [r.name for r in report.restarted] == ["db", "client2", "client1", "client10"]
+
+
+async def test_an_unchanged_service_keeps_running_and_a_changed_one_goes_first(
+    sv: Supervisord,
+) -> None:
+    client = with_clients(sv, "client1", "client2", "zeoserver")
+    before = sv.pids()
+    kept = await restart_programs(
+        client, plan(sv, programs=["client*", "zeoserver"], services={"zeoserver": False})
+    )
+    assert [r.name for r in kept.restarted] == ["client1", "client2"]
+    assert sv.pids()["zeoserver"] == before["zeoserver"]
+
+    changed = await restart_programs(client, plan(sv, services={"zeoserver": True}))
+    assert [r.name for r in changed.restarted] == ["zeoserver", "client1", "client2"]
+    assert sv.pids()["zeoserver"] != before["zeoserver"]
+
+
+async def test_a_service_whose_section_changed_is_readded_before_the_clients(
+    sv: Supervisord,
+) -> None:
+    client = with_clients(sv, "client1", "zeoserver")
+    sv.add_program("zeoserver", tag="v2")
+    report = await restart_programs(client, plan(sv, services={"zeoserver": False}))
+    assert [(r.name, r.action) for r in report.restarted] == [
+        ("zeoserver", "readded"),
+        ("client1", "restarted"),
+    ]
+    assert body(sv.ports["zeoserver"]).startswith("zeoserver v2")
+
+
+async def test_a_new_service_is_started_before_new_clients_on_a_first_deploy(
+    sv: Supervisord,
+) -> None:
+    """supervisord started with no programs: everything is new; the ZEO server first,
+    then one client at a time (two clients creating an empty database's root conflict)."""
+    client = SupervisorClient(sv.url)
+    for name in ("client2", "client1", "zeoserver"):
+        sv.add_program(name, autostart=True)
+    report = await restart_programs(
+        client, plan(sv, programs=["zeoserver", "client*"], services={"zeoserver": True})
+    )
+    assert report.supporting == ["zeoserver"]
+    assert [(r.name, r.action) for r in report.restarted] == [
+        ("client1", "added"),
+        ("client2", "added"),
+    ]
+    order = [name for name, _, _ in sv.starts()]
+    assert order == ["zeoserver", "client1", "client2"], order
+
+
+async def test_the_next_client_waits_until_the_restarted_one_kept_answering(
+    sv: Supervisord,
+) -> None:
+    """health_rise more healthy answers health_interval apart: the gap between one client
+    serving and the next one starting is at least rise x interval, however fast the
+    machine (a slow one only makes it longer)."""
+    client = with_clients(sv, "client1", "client2")
+    report = await restart_programs(client, plan(sv, health_rise=2, health_interval=0.3))
+    new = {r.pid_after for r in report.restarted}
+    times = [at for _, pid, at in sv.starts() if pid in new]
+    assert len(times) == 2
+    assert times[1] - times[0] >= 2 * 0.3
+
+
+FLAKY = """
+import http.server, os, sys, time
+port, startlog = int(sys.argv[1]), sys.argv[2]
+seen = []
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        seen.append(1)
+        self.send_response(200 if len(seen) == 1 else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+with open(startlog, "a") as log:
+    log.write(f"client1 {os.getpid()} {time.time():.6f}\\n")
+server.serve_forever()
+"""
+
+
+async def test_a_client_that_answers_once_then_fails_halts_the_roll(
+    sv: Supervisord, tmp_path: Path
+) -> None:
+    script = tmp_path / "flaky.py"
+    script.write_text(FLAKY)
+    port = free_port()
+    sv.add_program("client1", command=f"{sys.executable} {script} {port} {sv.start_log}")
+    sv.ports["client1"] = port
+    client = with_clients(sv, "client2")
+    before = sv.pids()
+    with pytest.raises(RestartHalted) as halted:
+        await restart_programs(
+            client, plan(sv, health_rise=2, health_interval=0.1, health_timeout=10.0)
+        )
+    message = str(halted.value)
+    assert halted.value.program == "client1"
+    assert re.search(
+        r"client1 did not come back healthy: not steadily healthy \(HTTP 503\) "
+        r"after \d+\.\d s \(health_timeout 10 s\)",
+        message,
+    ), message
+    assert sv.pids()["client2"] == before["client2"]
+
+
+async def test_the_halt_message_says_what_was_measured(sv: Supervisord) -> None:
+    sv.add_program("client1", mode="bad")
+    client = with_clients(sv)
+    with pytest.raises(RestartHalted) as halted:
+        await restart_programs(client, plan(sv, health_timeout=10.0))
+    # What it saw last: a 503 once the program answers, or no answer if the machine was
+    # too slow to start it within the timeout; either way the measured time is said.
+    assert re.search(
+        r"client1 did not come back healthy: (answered HTTP 503|no answer \([^)]*\)) after "
+        r"\d+\.\d s \(health_timeout 10 s\)\. Restart halted; restarted before it: none",
+        str(halted.value),
+    ), str(halted.value)
+
+
+class RecordingClient(SupervisorClient):
+    """The real client, noting each stop and start in the order they were asked for."""
+
+    calls: list[str]
+
+    async def stop(self, namespec: str) -> None:  # type: ignore[override]
+        self.calls.append(f"stop {namespec.split(':')[-1]}")
+        await super().stop(namespec)
+
+    async def start(self, namespec: str) -> None:  # type: ignore[override]
+        self.calls.append(f"start {namespec.split(':')[-1]}")
+        await super().start(namespec)
+
+
+async def test_max_unavailable_restarts_clients_in_waves(sv: Supervisord) -> None:
+    for name in ("client1", "client2", "client3", "client4"):
+        sv.add_program(name)
+    sv.reload()
+    client = RecordingClient(sv.url)
+    client.calls = []
+    before = sv.pids()
+    report = await restart_programs(client, plan(sv, max_unavailable=2))
+
+    assert [r.name for r in report.restarted] == ["client1", "client2", "client3", "client4"]
+    assert all(r.pid_before == before[r.name] != r.pid_after for r in report.restarted)
+    # A wave stops together and starts together; the next one waits for it to be healthy.
+    assert client.calls == [
+        "stop client1",
+        "stop client2",
+        "start client1",
+        "start client2",
+        "stop client3",
+        "stop client4",
+        "start client3",
+        "start client4",
+    ]
+    new_pids = {r.pid_after for r in report.restarted}
+    started = [name for name, pid, _ in sv.starts() if pid in new_pids]
+    assert set(started[:2]) == {"client1", "client2"}
+    assert set(started[2:]) == {"client3", "client4"}
+
+
+async def test_a_wave_with_an_unhealthy_client_halts_and_names_the_whole_wave(
+    sv: Supervisord,
+) -> None:
+    client = with_clients(sv, "client1", "client2", "client3")
+    before = sv.pids()
+    sv.crash_on_start("client2")
+    with pytest.raises(RestartHalted) as halted:
+        await restart_programs(client, plan(sv, max_unavailable=2, health_timeout=15.0))
+    assert halted.value.program == "client2"
+    assert halted.value.restarted == ["client1"]
+    assert sv.pids()["client3"] == before["client3"], "the next wave is not touched"

@@ -26,6 +26,10 @@ IGNORED = shutil.ignore_patterns(
     "__pycache__",
     "*.egg-info",
     "deploy.cfg",
+    "lib",
+    "lib64",
+    "include",
+    "pyvenv.cfg",
 )
 
 
@@ -51,9 +55,10 @@ class SiteRepo:
     bare: Path
 
     @classmethod
-    def create(cls, root: Path) -> SiteRepo:
-        work, bare = root / "site-work", root / "site-upstream.git"
-        shutil.copytree(EXAMPLE, work, ignore=IGNORED)
+    def create(cls, root: Path, source: Path = EXAMPLE) -> SiteRepo:
+        """``source`` (an example site) as a site's repository: upstream and work tree."""
+        work, bare = root / f"{source.name}-work", root / f"{source.name}-upstream.git"
+        shutil.copytree(source, work, ignore=IGNORED)
         git("init", "-q", "-b", "main", cwd=work)
         git("add", "-A", cwd=work)
         git("commit", "-q", "-m", "initial", cwd=work)
@@ -62,11 +67,16 @@ class SiteRepo:
         git("push", "-q", "origin", "main", cwd=work)
         return cls(work=work, bare=bare)
 
-    def commit(self, files: dict[str, str], message: str = "change") -> str:
+    def commit(
+        self, files: dict[str, str], message: str = "change", *, executable: bool = False
+    ) -> str:
+        """Write ``files`` (text; mode 0755 with ``executable``), commit and push."""
         for name, text in files.items():
             path = self.work / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+            if executable:
+                path.chmod(0o755)
         git("add", "-A", cwd=self.work)
         git("commit", "-q", "-m", message, cwd=self.work)
         git("push", "-q", "origin", "main", cwd=self.work)
@@ -100,6 +110,9 @@ def write_config(root: Path, repo: SiteRepo, **overrides: Any) -> AgentConfig:
                     "health_url": "http://127.0.0.1:{port}/health",
                     "health_timeout": 30,
                 },
+                # The example site's own supervisor part writes current/etc/supervisor/
+                # *.conf; a test that wants the agent's generated programs says so.
+                "programs": {"generate": False},
             }
         },
         "stack_config": {

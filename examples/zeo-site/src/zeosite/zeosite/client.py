@@ -169,7 +169,17 @@ def busy(server: BaseWSGIServer) -> bool:
     )
 
 
-def main(config: dict[str, Any]) -> int:
+#: What ``bin/client<n>`` accepts: nothing, or plone.recipe.zope2instance's ``console``
+#: (run in the foreground, as supervisord needs): the programs the agent generates run
+#: ``bin/client<n> console``, as the OpsWorks cookbook's did.
+FOREGROUND_MODES = ((), ("console",), ("fg",))
+
+
+def main(config: dict[str, Any], argv: list[str] | None = None) -> int:
+    args = tuple(sys.argv[1:] if argv is None else argv)
+    if args not in FOREGROUND_MODES:
+        print(f"usage: bin/{config['name']} [console]  (got {' '.join(args)})", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
