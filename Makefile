@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TEST_WORKERS ?= 2
 SYSTEM_PACKAGES := git mosquitto haproxy
 
-.PHONY: system venv demo fleet-demo fleet-demo-stop test lint bench clean
+.PHONY: system venv demo fleet-demo fleet-demo-stop plone-demo plone-demo-stop test lint bench clean
 
 # System packages (git, Mosquitto, HAProxy) when something is missing; needs root or sudo.
 system:
@@ -39,6 +39,13 @@ fleet-demo: venv
 fleet-demo-stop: venv
 	$(BIN)/python examples/fleet_demo.py --stop
 
+# Real Plone 6 behind HAProxy; the first run downloads Plone (5 to 15 minutes).
+plone-demo: venv
+	PYTHONPATH=examples $(BIN)/python examples/plone_demo.py
+
+plone-demo-stop: venv
+	PYTHONPATH=examples $(BIN)/python examples/plone_demo.py --stop
+
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -53,4 +60,4 @@ bench: venv
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .demo .demo-fleet build *.egg-info
+	rm -rf $(VENV) .demo .demo-fleet .plone-demo build *.egg-info

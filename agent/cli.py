@@ -89,9 +89,51 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
         return remote_rollback(args, config_path(args))
     config = load_config(config_path(args))
-    outcome = asyncio.run(local_pipeline(config).rollback(args.app, to_release=args.to))
+    outcome = asyncio.run(
+        local_pipeline(config).rollback(args.app, to_release=args.to, force=args.force)
+    )
     print_outcome(outcome, as_json=args.json)
     return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """A rolling, health-gated restart of the live release, building nothing."""
+    if not args.local:
+        from agent.operator.commands import remote_restart
+
+        return remote_restart(args, config_path(args))
+    config = load_config(config_path(args))
+    outcome = asyncio.run(
+        local_pipeline(config).restart(args.app, restart_delay=args.restart_delay)
+    )
+    print_outcome(outcome, as_json=args.json)
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+RELEASE_COLUMNS = ("name", "revision", "created", "decision", "status", "reason")
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    """The releases of an app on this host, oldest first; ``*`` marks ``current``."""
+    if not args.local:
+        raise ConfigError("`deploy-agent releases` lists this host's releases: add --local")
+    from agent.adapters.releases import ReleaseManager
+
+    config = load_config(config_path(args))
+    rows = ReleaseManager.of(config, args.app).listing()
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return EXIT_OK
+    table = [
+        [("* " if row["current"] else "  ") + row["name"], row["revision"][:12]]
+        + [str(row[key]).splitlines()[0] if row[key] else "" for key in RELEASE_COLUMNS[2:]]
+        for row in rows
+    ]
+    header = ["  name", *RELEASE_COLUMNS[1:]]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    for line in [header, *table]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    return EXIT_OK
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
@@ -104,6 +146,53 @@ def cmd_configure(args: argparse.Namespace) -> int:
         print_outcome(outcome, as_json=args.json)
         worst = worst if outcome.ok else EXIT_FAILED
     return worst
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    """Say this instance is being removed: a retained ``leaving`` presence, after which
+    every agent takes its endpoints out of rendered configuration (HAProxy backends, the
+    ZEO server once another one is there). A running agent of this instance sees it and
+    stops. Its services are not touched: stop them once the others have reconfigured."""
+    config = load_config(config_path(args))
+    if config.broker is None:
+        raise ConfigError("`deploy-agent leave` needs a broker section in the configuration")
+    delivered = asyncio.run(publish_leaving(config, timeout=args.timeout))
+    if not delivered:
+        broker = config.broker
+        raise BrokerUnreachable(
+            f"the broker at {broker.host}:{broker.port} did not confirm the leaving presence "
+            f"within {args.timeout:g} s"
+        )
+    print(f"{config.instance.id}: leaving (stack {config.stack})")
+    return EXIT_OK
+
+
+async def publish_leaving(config: AgentConfig, *, timeout: float) -> bool:
+    from agent.adapters.mqtt import MqttSession, Outgoing
+    from agent.node.announce import leaving
+    from agent.protocol import Topics, encode
+
+    assert config.broker is not None
+    topics = Topics(config.broker.topic_prefix, config.stack)
+    session = MqttSession(
+        config.broker,
+        client_id=f"deploy-agent-leave-{config.stack}-{config.instance.id}",
+        clean_session=True,
+        backoff=(0.2, 2.0),
+    )
+    runner = asyncio.create_task(session.run(_ignore), name="mqtt")
+    message = Outgoing(
+        topics.instance(config.instance.id), encode(leaving(config)), qos=1, retain=True
+    )
+    try:
+        return await session.close(last=message, timeout=timeout)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def _ignore(topic: str, payload: bytes, retain: bool) -> None:
+    return None
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -176,7 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rollback = sub.add_parser("rollback", help="switch an app back to an earlier release")
     rollback.add_argument("app")
-    rollback.add_argument("--to", help="release name (default: the one before current)")
+    rollback.add_argument(
+        "--to",
+        help="release name, or a revision (sha, tag, branch: its newest good release); "
+        "default: the newest good release before current",
+    )
+    rollback.add_argument(
+        "--force", action="store_true", help="allow --to a release marked bad (--local only)"
+    )
     rollback.add_argument("--local", action="store_true")
     rollback.add_argument("--wait", action="store_true")
     add_rollout_options(rollback)
@@ -185,10 +281,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(rollback)
     rollback.set_defaults(func=cmd_rollback)
 
+    restart = sub.add_parser("restart", help="rolling restart of an app's live release")
+    restart.add_argument("app")
+    restart.add_argument("--local", action="store_true")
+    restart.add_argument("--wait", action="store_true")
+    restart.add_argument("--restart-delay", type=float)
+    add_rollout_options(restart)
+    restart.add_argument("--timeout", type=float, default=3600)
+    restart.add_argument("--targets", nargs="*")
+    add_common(restart)
+    restart.set_defaults(func=cmd_restart)
+
+    releases = sub.add_parser("releases", help="list an app's releases on this host")
+    releases.add_argument("app")
+    releases.add_argument("--local", action="store_true", help="this host's releases")
+    add_common(releases)
+    releases.set_defaults(func=cmd_releases)
+
     configure = sub.add_parser("configure", help="re-render deploy.cfg here, apply if changed")
     configure.add_argument("app", nargs="?")
     add_common(configure)
     configure.set_defaults(func=cmd_configure)
+
+    leave = sub.add_parser(
+        "leave", help="announce that this instance is being removed from the stack"
+    )
+    leave.add_argument("--config", "-c", help=f"agent configuration (default {DEFAULT_CONFIG})")
+    leave.add_argument("--timeout", type=float, default=30, help="seconds to reach the broker")
+    leave.set_defaults(func=cmd_leave)
 
     config = sub.add_parser("config", help="validate or publish configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)

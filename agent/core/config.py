@@ -95,6 +95,9 @@ class BuildoutConfig(Model):
     command: Argv = Field(default_factory=lambda: ["bin/buildout", "-c", "deploy.cfg"])
     timeout: float = Field(default=1800, gt=0)
     environment: dict[str, str] = Field(default_factory=dict)
+    #: Build the bootstrap once per digest of its inputs in ``shared/bootstrap/<digest>``
+    #: and link each release to it (agent/adapters/bootstrap.py); false: one per release.
+    reuse_bootstrap: bool = True
 
 
 class RestartConfig(Model):
@@ -103,7 +106,84 @@ class RestartConfig(Model):
     restart_delay: float | None = Field(default=None, ge=0, le=3600)
     health_url: str | None = "http://127.0.0.1:{port}/"
     health_timeout: float = Field(default=60, gt=0)
+    #: After a restarted client first answers its health URL: this many further
+    #: consecutive healthy answers, ``health_interval`` seconds apart, before the next
+    #: client is stopped. The shipped HAProxy template (``inter 500ms fall 1 rise 1``)
+    #: needs one successful check after the client is up, i.e. up to 0.5 s; 2 x 0.5 s
+    #: covers that with one check interval to spare.
+    health_rise: int = Field(default=2, ge=0, le=100)
+    health_interval: float = Field(default=0.5, gt=0, le=60)
     on_failure: Literal["halt", "rollback"] = "halt"
+    #: Rolling: how many clients of this host may be down at once. They restart in waves
+    #: of this size (stopped together, started together, all healthy before the next).
+    max_unavailable: int = Field(default=1, ge=1, le=100)
+
+
+class HooksConfig(Model):
+    """Commands run at fixed points of a deploy (docs/architecture.md, "Hooks"), in the
+    release directory; the repository's executable ``deploy/<hook>`` runs after them."""
+
+    before_switch: list[Argv] = Field(default_factory=list)
+    before_restart: list[Argv] = Field(default_factory=list)
+    after_restart: list[Argv] = Field(default_factory=list)
+    on_failure: list[Argv] = Field(default_factory=list)
+    #: Seconds for each hook command; a command still running then is killed (its group).
+    timeout: float = Field(default=600, gt=0)
+
+
+#: Program names the agent generates (besides ``client<n>``).
+ProgramName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+#: One supervisord command line: no line breaks, no leading option-like dash.
+CommandLine = Annotated[
+    str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\r\n\x00;-][^\r\n\x00]*$")
+]
+
+
+class ProgramsConfig(Model):
+    """The supervisord programs the agent writes for an app (``<root>/<app>/supervisor.conf``),
+    as the OpsWorks cookbook generated them. ``generate: false`` for a buildout that writes
+    its own program sections."""
+
+    generate: bool = True
+    #: Seconds a program must stay up to count as started (Plone takes 5-30 s to listen;
+    #: the health URL, not this, gates a roll).
+    startsecs: int = Field(default=5, ge=0, le=3600)
+    #: Seconds supervisord waits after SIGTERM before SIGKILL (Zope finishes requests).
+    stopwaitsecs: int = Field(default=30, ge=1, le=3600)
+    startretries: int = Field(default=3, ge=0, le=100)
+    #: ``auto``: when this instance carries ``plone_instances.zeo_layer``.
+    zeoserver: bool | Literal["auto"] = "auto"
+    zeoserver_name: ProgramName = "zeoserver"
+    #: Relative to ``current``; ``bin/zeoserver fg`` runs runzeo as a child, hence
+    #: ``stopasgroup``/``killasgroup`` on every generated program.
+    zeoserver_command: CommandLine = "bin/zeoserver fg"
+    zeoserver_startsecs: int = Field(default=2, ge=0, le=3600)
+    #: What the ZEO server runs, relative to a release: when these differ (release paths
+    #: left out) between the release it runs from and ``current``, it is restarted
+    #: before the clients; otherwise it keeps running from its release.
+    zeoserver_files: list[str] = Field(
+        default_factory=lambda: ["bin/zeoserver", "parts/zeoserver"], min_length=1
+    )
+    #: ``{name}`` is the client's program name (client1, client2...).
+    client_command: CommandLine = "bin/{name} console"
+    celery_name: ProgramName = "celery"
+    celery_command: CommandLine = "bin/celery worker"
+    #: ``shared``: ``<root>/<app>/shared/var/log/<program>.log``; ``supervisord``: its
+    #: AUTO child logs (``childlogdir``).
+    logs: Literal["shared", "supervisord"] = "shared"
+    #: The user the programs run as (supervisord's ``user``; it must run as root for
+    #: that): the one who owns the releases and shared/var, as OpsWorks' deploy user.
+    user: Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] | None = None
+    #: Extra ``environment`` for every program (``KEY=value`` pairs, supervisord syntax).
+    environment: dict[
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
+        Annotated[str, StringConstraints(max_length=1000, pattern=r"^[^\r\n\x00\"%]*$")],
+    ] = Field(default_factory=dict)
+
+    @field_validator("zeoserver_files")
+    @classmethod
+    def _files_are_relative(cls, paths: list[str]) -> list[str]:
+        return [_safe_relative(p) for p in paths]
 
 
 def _safe_relative(path: str) -> str:
@@ -124,6 +204,8 @@ class AppConfig(Model):
     always_buildout_on_deploy: bool = False
     buildout: BuildoutConfig = Field(default_factory=BuildoutConfig)
     restart: RestartConfig = Field(default_factory=RestartConfig)
+    programs: ProgramsConfig = Field(default_factory=ProgramsConfig)
+    hooks: HooksConfig = Field(default_factory=HooksConfig)
 
     @field_validator("shared_dirs")
     @classmethod
@@ -162,6 +244,12 @@ class AgentConfig(Model):
     templates: list[TemplateConfig] = Field(default_factory=list)
     shutdown_grace: float = Field(default=600, ge=0)
     membership_debounce: float = Field(default=2.0, ge=0, le=600)
+    #: How long a member whose agent is stopped or unreachable keeps its endpoints in
+    #: everyone's rendered configuration (its services usually still run).
+    member_timeout: float = Field(default=1800, gt=0, le=30 * 86400)
+    #: Asked when SIGTERM arrives: "stopping" means the host shuts down, and the agent
+    #: says ``leaving`` instead of ``stopped``. None: never (always ``stopped``).
+    shutdown_probe: Argv | None = Field(default_factory=lambda: ["systemctl", "is-system-running"])
     #: A new or rebuilt instance deploys its apps when it starts, as OpsWorks' setup did.
     first_deploy: bool = True
 

@@ -96,6 +96,29 @@ class BuildoutFailed(ProcessFailed):
         )
 
 
+class HookFailed(ProcessFailed):
+    """Raised when a deploy hook (``before_switch``, ``before_restart``...) exits non-zero,
+    cannot be started or times out."""
+
+    code = "hook-failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hook: str,
+        step: str,
+        returncode: int | None,
+        output_tail: list[str],
+        timed_out: bool = False,
+    ) -> None:
+        self.hook = hook
+        self.step = step
+        super().__init__(
+            message, returncode=returncode, output_tail=output_tail, timed_out=timed_out
+        )
+
+
 class SupervisorError(AgentError):
     """Raised when supervisord is unreachable, refuses credentials or rejects a call."""
 

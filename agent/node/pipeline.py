@@ -21,18 +21,20 @@ from typing import Any, Protocol
 import structlog
 from structlog.contextvars import bound_contextvars
 
+from agent.adapters import buildoutcfg
 from agent.adapters.buildout import run_buildout
 from agent.adapters.files import atomic_write
+from agent.adapters.hooks import HookContext, HookName, run_hook
 from agent.adapters.host import HostFacts, app_lock
 from agent.adapters.releases import ReleaseInfo, ReleaseManager
 from agent.adapters.state import AppState, StateStore
 from agent.core.config import AgentConfig, AppConfig
-from agent.core.errors import AgentError, ReleaseError, RestartHalted
+from agent.core.errors import AgentError, HookFailed, ReleaseError, RestartHalted
 from agent.core.outcome import Outcome
 from agent.core.plan import ClientLayout, Decision, Member, client_layout, decide
-from agent.core.render import RenderInput, render_deploy_cfg
+from agent.core.render import RenderInput, cache_dirs, render_deploy_cfg
 from agent.core.stackconfig import StackSettings, stack_settings
-from agent.node.restart import Restarter
+from agent.node.restart import Restarter, write_programs
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +77,7 @@ class Pipeline:
         members: Callable[[], tuple[Member, ...]] | None = None,
         stack_config: Callable[[], Mapping[str, Any]] | None = None,
         facts: HostFacts | None = None,
+        pins: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self.config = config
         self.store = store or StateStore(config.paths.state)
@@ -82,6 +85,7 @@ class Pipeline:
         self.members = members or self.only_me
         self.stack_config = stack_config or (lambda: config.stack_config)
         self.facts = facts or HostFacts.probe()
+        self.pins = pins or dict
 
     # -- inputs ---------------------------------------------------------------------------
     def only_me(self) -> tuple[Member, ...]:
@@ -103,7 +107,16 @@ class Pipeline:
         )
 
     def render(self, app: str, sha: str, settings: StackSettings) -> bytes:
+        """deploy.cfg for ``app`` at ``sha``; reads the base configuration's environment
+        from the mirror (the same bytes for the same sha, so rendering stays
+        deterministic)."""
         inst = self.config.instance
+        cfg = self.config.app(app)
+        base_config = cfg.buildout.config or settings.plone_instances.base_config
+        mgr = self.manager(app)
+        base_environment = buildoutcfg.environment(
+            lambda path: mgr.read_file(sha, path), base_config
+        )
         return render_deploy_cfg(
             RenderInput(
                 stack=self.config.stack,
@@ -117,7 +130,10 @@ class Pipeline:
                 settings=settings,
                 stack_config=dict(self.stack_config()),
                 members=self.members(),
-                base_config=self.config.app(app).buildout.config,
+                base_config=cfg.buildout.config,
+                base_environment=base_environment,
+                shared_dirs=tuple(cfg.shared_dirs),
+                pins=dict(self.pins()),
             )
         )
 
@@ -137,10 +153,17 @@ class Pipeline:
         )
 
     async def rollback(
-        self, app: str, *, to_release: str | None = None, progress: Progress = NO_PROGRESS
+        self,
+        app: str,
+        *,
+        to_release: str | None = None,
+        force: bool = False,
+        progress: Progress = NO_PROGRESS,
     ) -> Outcome:
+        """Back to the newest good release before ``current``, or to ``to_release`` (a
+        release name or a revision); a release marked bad only with ``force``."""
         run = _Run(self, app, progress)
-        return await run.guarded("rollback", lambda: run.rollback(to_release))
+        return await run.guarded("rollback", lambda: run.rollback(to_release, force))
 
     async def configure(self, app: str, *, progress: Progress = NO_PROGRESS) -> Outcome:
         run = _Run(self, app, progress)
@@ -168,6 +191,8 @@ class _Run:
         self.p = pipeline
         self.app = app
         self.progress = progress
+        #: What this command's hooks are told; set once a release is known.
+        self.context: HookContext | None = None
 
     @property
     def cfg(self) -> AppConfig:
@@ -188,7 +213,12 @@ class _Run:
             try:
                 self.p.config.app(self.app)
                 with app_lock(self.p.config.paths.root / self.app):
-                    outcome = await body()
+                    try:
+                        outcome = await body()
+                    except AgentError as exc:
+                        outcome = Outcome.failed(kind, self.app, str(exc), error=exc.code)
+                    if outcome.status == "failed":
+                        outcome = await self.on_failure(kind, outcome)
             except AgentError as exc:
                 outcome = Outcome.failed(kind, self.app, str(exc), error=exc.code)
             outcome = outcome.with_changes(seconds=round(time.monotonic() - started, 2))
@@ -204,6 +234,79 @@ class _Run:
                 seconds=outcome.seconds,
             )
             return outcome
+
+    # -- hooks ----------------------------------------------------------------------------
+    def hook_context(
+        self,
+        kind: str,
+        release: Path,
+        *,
+        sha: str,
+        previous: ReleaseInfo | None,
+        decision: str = "",
+    ) -> HookContext:
+        self.context = HookContext(
+            app=self.app,
+            release=release.name,
+            release_dir=release,
+            kind=kind,
+            previous_release=previous.name if previous else "",
+            revision=sha,
+            previous_revision=previous.sha if previous else "",
+            decision=decision,
+            layers=tuple(self.p.config.instance.layers),
+        )
+        return self.context
+
+    async def hook(self, hook: HookName, context: HookContext) -> None:
+        """Run one hook; a failure raises HookFailed (the caller decides what it undoes)."""
+        steps = await run_hook(self.cfg.hooks, hook, context)
+        if steps:
+            await self.phase(f"hook:{hook}", "done", f"{hook}: {len(steps)} command(s) succeeded")
+
+    async def on_failure(self, kind: str, outcome: Outcome) -> Outcome:
+        """The ``on_failure`` hook, once per failed command, in the live release; its own
+        failure is logged and added to the message, never in place of the first error."""
+        try:
+            live = await asyncio.to_thread(self.mgr.current)
+        except AgentError:
+            live = None
+        base = self.context
+        if live is not None:
+            where, revision = live.path, live.sha
+        elif base is not None and base.release_dir.is_dir():  # a first deploy: none is live
+            where, revision = base.release_dir, base.revision
+        else:
+            return outcome
+        context = HookContext(
+            app=self.app,
+            release=where.name,
+            release_dir=where,
+            kind=kind,
+            previous_release=base.previous_release if base else "",
+            revision=revision,
+            previous_revision=base.previous_revision if base else "",
+            decision=base.decision if base else (outcome.decision or ""),
+            layers=tuple(self.p.config.instance.layers),
+        )
+        try:
+            steps = await run_hook(
+                self.cfg.hooks,
+                "on_failure",
+                context,
+                extra_env={
+                    "DEPLOY_ERROR": outcome.error or "",
+                    "DEPLOY_FAILED_RELEASE": base.release if base else "",
+                },
+            )
+        except HookFailed as exc:
+            log.error("hook.on_failure_failed", error=str(exc))
+            return outcome.with_changes(
+                message=f"{outcome.message}; the on_failure hook failed too: {exc.args[0]}"
+            )
+        if steps:
+            await self.phase("hook:on_failure", "done", f"on_failure: {len(steps)} command(s) ran")
+        return outcome
 
     # -- deploy ---------------------------------------------------------------------------
     async def deploy(
@@ -247,16 +350,23 @@ class _Run:
     ) -> Outcome:
         """Build a fresh release; only if that worked, switch, restart and prune."""
         mgr = self.mgr
+        for cache in cache_dirs(mgr.app_dir).values():  # deploy.cfg points the clients here
+            cache.mkdir(parents=True, exist_ok=True)
+        self.forget_caches_of_another_database(mgr.app_dir)
         release = await asyncio.to_thread(mgr.new_release_dir)
         with bound_contextvars(release=release.name):
+            previous = mgr.current()
+            context = self.hook_context(
+                kind, release, sha=sha, previous=previous, decision=decision
+            )
             try:
-                await self.build(release, sha, cfg_bytes)
+                await self.build(release, sha, cfg_bytes, decision)
+                await self.hook("before_switch", context)
             except BaseException as exc:
                 reason = str(exc) if isinstance(exc, AgentError) else type(exc).__name__
                 with contextlib.suppress(OSError, AgentError):
                     await asyncio.shield(asyncio.to_thread(mgr.mark_failed, release, reason))
                 raise
-            previous = mgr.current()
             await self.switch(release)
             outcome = Outcome.succeeded(
                 kind,
@@ -266,7 +376,7 @@ class _Run:
                 revision=sha,
                 release=release.name,
             )
-            outcome = await self.restart_or_recover(previous, delay, outcome)
+            outcome = await self.restart_or_recover(previous, delay, outcome, context)
             pruned = await asyncio.to_thread(mgr.prune)
             if pruned:
                 await self.phase(
@@ -274,7 +384,26 @@ class _Run:
                 )
             return outcome
 
-    async def build(self, release: Path, sha: str, cfg_bytes: bytes) -> None:
+    def forget_caches_of_another_database(self, app_dir: Path) -> None:
+        """A ZEO server of this host about to create a new database (no Data.fs yet): the
+        clients' persistent caches belong to another one, and a client whose cache is
+        newer than its server never connects. They go before anything starts."""
+        if "var/filestorage" not in self.cfg.shared_dirs:
+            return
+        zeo_layer = self.p.settings().plone_instances.zeo_layer
+        if zeo_layer not in self.p.config.instance.layers:
+            return
+        if (app_dir / "shared" / "var" / "filestorage" / "Data.fs").exists():
+            return
+        stale = sorted(cache_dirs(app_dir)["zeo"].glob("*.zec*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.warning("releases.stale_zeo_caches_removed", files=[p.name for p in stale])
+
+    async def build(
+        self, release: Path, sha: str, cfg_bytes: bytes, decision: str | None = None
+    ) -> None:
         cfg, mgr = self.cfg, self.mgr
         await self.phase("checkout", "started", f"checking out {sha[:12]} into {release.name}")
         await asyncio.to_thread(mgr.checkout, release, sha)
@@ -286,11 +415,14 @@ class _Run:
             command=cfg.buildout.command,
             timeout=cfg.buildout.timeout,
             environment=cfg.buildout.environment,
+            bootstrap_cache=mgr.shared_dir / "bootstrap" if cfg.buildout.reuse_bootstrap else None,
         )
         await self.phase(
             "buildout", "done", f"buildout succeeded in {seconds:.1f} s", seconds=round(seconds, 2)
         )
-        await asyncio.to_thread(mgr.mark_complete, release, sha=sha, cfg_digest=digest(cfg_bytes))
+        await asyncio.to_thread(
+            mgr.mark_complete, release, sha=sha, cfg_digest=digest(cfg_bytes), decision=decision
+        )
 
     async def switch(self, release: Path) -> ReleaseInfo:
         mgr = self.mgr
@@ -316,44 +448,77 @@ class _Run:
         return info
 
     async def restart_or_recover(
-        self, previous: ReleaseInfo | None, delay: float | None, outcome: Outcome
+        self,
+        previous: ReleaseInfo | None,
+        delay: float | None,
+        outcome: Outcome,
+        context: HookContext | None = None,
     ) -> Outcome:
-        """Restart the clients; a halted roll fails the deploy, and with ``on_failure:
-        rollback`` puts the previous release back and restarts what had been restarted."""
+        """``before_restart``, the clients' restart, ``after_restart``. A halted roll or a
+        failed hook fails the deploy and marks the release bad; with ``on_failure:
+        rollback`` the previous release is put back and what had been restarted is
+        restarted again."""
+        release = outcome.release or ""
+        report: dict[str, Any] | None = None
+        redo: list[str] | None
         try:
-            return outcome.with_details(restart=await self.restart_clients(delay))
+            if context is not None:
+                await self.hook("before_restart", context)
+            report = await self.restart_clients(delay)
+            if context is not None:
+                await self.hook("after_restart", context)
+            return outcome.with_details(restart=report)
         except RestartHalted as exc:
-            failed = outcome.with_changes(
-                status="failed",
-                error=exc.code,
-                message=f"release {outcome.release} is live but the restart halted: {exc}",
-            )
-            if self.cfg.restart.on_failure != "rollback" or previous is None:
-                return failed
-            await self.phase("rollback", "started", f"on_failure=rollback: back to {previous.name}")
-            await self.switch(previous.path)
+            what = f"the restart halted: {exc}"
+            failed = outcome.with_changes(status="failed", error=exc.code)
+            await self.mark_bad(release, what)
             redo = [*exc.restarted, exc.program]
-            report = await self.restart_clients(delay, only=redo)
-            return failed.with_changes(
-                message=f"{failed.message}; rolled back to {previous.name}",
-                release=previous.name,
-                revision=previous.sha,
-            ).with_details(rollback_restart=report)
+        except HookFailed as exc:
+            what = str(exc)
+            failed = outcome.with_changes(status="failed", error=exc.code)
+            if report is not None:
+                failed = failed.with_details(restart=report)
+            await self.mark_bad(release, exc.args[0])
+            redo = None if report is not None else []  # before_restart: nothing restarted
         except AgentError as exc:  # supervisord unreachable, say: the switch stands
             return outcome.with_changes(
                 status="failed",
                 error=exc.code,
                 message=f"release {outcome.release} is live but the restart failed: {exc}",
             )
+        if self.cfg.restart.on_failure != "rollback" or previous is None:
+            return failed.with_changes(message=f"release {release} is live but {what}")
+        await self.phase("rollback", "started", f"on_failure=rollback: back to {previous.name}")
+        await self.switch(previous.path)
+        if redo == []:
+            again: dict[str, Any] = {"skipped": True}
+        else:
+            again = await self.restart_clients(delay, only=redo)
+        return failed.with_changes(
+            message=f"release {release} failed ({what}); rolled back to {previous.name}",
+            release=previous.name,
+            revision=previous.sha,
+        ).with_details(rollback_restart=again)
+
+    async def mark_bad(self, release: str, reason: str) -> None:
+        if not release:
+            return
+        mgr = self.mgr
+        with contextlib.suppress(OSError, AgentError):
+            await asyncio.to_thread(mgr.mark_bad, mgr.releases_dir / release, reason)
 
     async def restart_clients(
         self, delay: float | None, only: list[str] | None = None
     ) -> dict[str, Any]:
         cfg = self.cfg
+        settings = self.p.settings()
+        # The agent's supervisord programs for this app, read at the restart's reloadConfig.
+        await asyncio.to_thread(
+            write_programs, self.p.config, self.app, settings, self.p.layout(settings)
+        )
         if self.p.restarter is None:
             await self.phase("restart", "skipped", "no supervisor configured: nothing restarted")
             return {"skipped": True}
-        settings = self.p.settings()
         if delay is None:
             delay = cfg.restart.restart_delay
         if delay is None:
@@ -370,13 +535,13 @@ class _Run:
         return report
 
     # -- rollback, restart, heal, configure -------------------------------------------------
-    async def rollback(self, to_release: str | None) -> Outcome:
+    async def rollback(self, to_release: str | None, force: bool = False) -> Outcome:
         mgr = self.mgr
         current = mgr.current()
-        target = mgr.find(to_release) if to_release else mgr.previous()
+        target = await asyncio.to_thread(mgr.rollback_target, to_release, force=force)
         if target is None:
             raise ReleaseError(
-                f"no release to roll back to for {self.app}: only one release exists"
+                f"no release to roll back to for {self.app}: no good release before current"
             )
         if current is not None and target.name == current.name:
             return Outcome.unchanged(
@@ -386,6 +551,7 @@ class _Run:
                 revision=target.sha,
                 release=target.name,
             )
+        self.hook_context("rollback", target.path, sha=target.sha, previous=current)
         await self.switch(target.path)
         outcome = Outcome.succeeded(
             "rollback",
@@ -394,7 +560,12 @@ class _Run:
             revision=target.sha,
             release=target.name,
         )
-        return outcome.with_details(restart=await self.restart_clients(None))
+        try:
+            report = await self.restart_clients(None)
+        except RestartHalted as exc:
+            await self.mark_bad(target.name, f"the restart halted: {exc}")
+            raise
+        return outcome.with_details(restart=report)
 
     async def restart(self, delay: float | None) -> Outcome:
         """A rolling restart of the live release, without building anything."""

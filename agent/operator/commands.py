@@ -181,6 +181,8 @@ def rollout_from_args(kind: CommandKind, args: argparse.Namespace) -> Rollout:
             "restart_delay": getattr(args, "restart_delay", None),
             "always_buildout": getattr(args, "always_buildout", False) or None,
         }
+    elif kind == "restart":
+        fields = {"restart_delay": getattr(args, "restart_delay", None)}
     else:
         fields = {"to_release": getattr(args, "to", None)}
     return Rollout(
@@ -312,6 +314,11 @@ def remote_deploy(args: argparse.Namespace, config_path: Path | None = None) -> 
 def remote_rollback(args: argparse.Namespace, config_path: Path | None = None) -> int:
     """``rollback APP`` without --local."""
     return _remote("rollback", args)
+
+
+def remote_restart(args: argparse.Namespace, config_path: Path | None = None) -> int:
+    """``restart APP`` without --local: a rolling restart of the live release everywhere."""
+    return _remote("restart", args)
 
 
 # --- status -----------------------------------------------------------------------------

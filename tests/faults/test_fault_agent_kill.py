@@ -28,7 +28,8 @@ from support.tally import FaultTally, Precious
 
 from agent.protocol import Command
 
-pytestmark = pytest.mark.slow
+# Bounds a hang only: every kill costs a deploy and a recovery, more with FAULT_RUNS.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300 + 120 * FAULT_RUNS)]
 
 
 @dataclass(frozen=True)

@@ -361,6 +361,17 @@ async def test_rollback_wait_follows_the_same_flow(operator: Operator) -> None:
     assert result.json()["kind"] == "rollback" and outcomes(result) == {"web-1": "succeeded"}
 
 
+async def test_restart_wait_sends_a_restart_command_and_follows_it(operator: Operator) -> None:
+    timeline: Timeline = []
+    async with fleet(FakeAgent(operator, "web-1", timeline)):
+        result = await run_cli_async(
+            "restart", "mysite", "--wait", "--json", "--config", str(operator.config)
+        )
+    assert result.returncode == 0, result
+    assert result.json()["kind"] == "restart" and outcomes(result) == {"web-1": "succeeded"}
+    assert [step for step, *_ in timeline] == ["received", "final"]
+
+
 async def test_without_wait_prints_the_command_id_and_exits_0(operator: Operator) -> None:
     timeline: Timeline = []
     env = cli_env(
