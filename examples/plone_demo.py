@@ -115,7 +115,17 @@ def start_haproxy(ports: list[int], bind: int) -> str:
         instance=me,
         members=[me],
         clients={"web-1": [ClientInfo(name=f"client{n}", port=p) for n, p in enumerate(ports, 1)]},
-        stack_config={"haproxy": {"bind": f"127.0.0.1:{bind}", "user": "", "group": "", "log": ""}},
+        stack_config={
+            "haproxy": {
+                "bind": f"127.0.0.1:{bind}",
+                "user": "",
+                "group": "",
+                "log": "",
+                # docs/plone.md: a Plone page can take seconds on a busy host; a check that
+                # times out at 2 s would take a healthy client out of the pool (fall 1).
+                "timeouts": {"check": "10s"},
+            }
+        },
     )
     cfg = DEMO / "haproxy.cfg"
     template = TemplateConfig(source=REPO / "config" / "haproxy.cfg.tmpl", destination=cfg)

@@ -148,7 +148,17 @@ async def haproxy(tmp_path: Path, ports: list[int]) -> tuple[subprocess.Popen[by
         instance=me,
         members=[me],
         clients={"web-1": [ClientInfo(name=f"client{n}", port=p) for n, p in enumerate(ports, 1)]},
-        stack_config={"haproxy": {"bind": f"127.0.0.1:{bind}", "user": "", "group": "", "log": ""}},
+        stack_config={
+            "haproxy": {
+                "bind": f"127.0.0.1:{bind}",
+                "user": "",
+                "group": "",
+                "log": "",
+                # docs/plone.md: a Plone page can take seconds on a busy host; a check that
+                # times out at 2 s would take a healthy client out of the pool (fall 1).
+                "timeouts": {"check": "10s"},
+            }
+        },
     )
     destination = tmp_path / "haproxy.cfg"
     await apply_templates([TemplateConfig(source=TEMPLATE, destination=destination)], context)
