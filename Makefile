@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 # The suite waits on real processes (buildout, brokers, supervisord) more than it computes:
 # two workers halve its time on two cores.
 TEST_WORKERS ?= 2
-SYSTEM_PACKAGES := git mosquitto haproxy
+SYSTEM_PACKAGES := git mosquitto haproxy systemd
 
 .PHONY: system venv demo fleet-demo fleet-demo-stop plone-demo plone-demo-stop test lint bench clean
 
 # System packages (git, Mosquitto, HAProxy) when something is missing; needs root or sudo.
 system:
-	@missing=""; for cmd in git mosquitto haproxy; do \
+	@missing=""; for cmd in git mosquitto haproxy systemd-analyze; do \
 	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$cmd"; done; \
 	$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
