@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 from support.cli import run_cli
+from support.seams import APP, FACTS, FakeRestarter, configured, current
 from support.site import SiteRepo
-from test_pipeline_seams import APP, FACTS, FakeRestarter, configured, current
 
 from agent.adapters.releases import ReleaseManager
 from agent.cli import RELEASE_COLUMNS
-from agent.core.config import AgentConfig, AppConfig
+from agent.core.config import AgentConfig
 from agent.core.errors import ReleaseError
-from agent.core.plan import ClientLayout
 from agent.node.pipeline import Pipeline
 
 RECORDER = """\
@@ -39,27 +38,14 @@ print(hook, "ran")
 """
 
 
-class RecordingRestarter(FakeRestarter):
+def recording_restarter(out: Path) -> FakeRestarter:
     """A FakeRestarter that notes each restart in the hooks' record, to show the order."""
 
-    def __init__(self, out: Path, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.out = out
-
-    async def restart(
-        self,
-        *,
-        app: str,
-        config: AppConfig,
-        layout: ClientLayout,
-        restart_delay: float,
-        only: list[str] | None = None,
-    ) -> dict[str, Any]:
-        with (self.out / "seen.jsonl").open("a") as f:
+    def note(only: list[str] | None) -> None:
+        with (out / "seen.jsonl").open("a") as f:
             f.write(json.dumps({"hook": "restart", "only": only}) + "\n")
-        return await super().restart(
-            app=app, config=config, layout=layout, restart_delay=restart_delay, only=only
-        )
+
+    return FakeRestarter(on_restart=note)
 
 
 def recorder(tmp_path: Path) -> tuple[Path, Path]:
@@ -101,7 +87,7 @@ async def test_each_hook_runs_at_its_point_with_the_documented_environment(
         {"deploy/before_restart": f"#!/bin/sh\nexec {sys.executable} {script} repo {out}\n"},
         executable=True,
     )
-    restarter = RecordingRestarter(out)
+    restarter = recording_restarter(out)
     first = await Pipeline(config, facts=FACTS, restarter=restarter).deploy(APP)
     assert first.status == "succeeded", first.message
     order = [entry["hook"] for entry in seen(tmp_path)]

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
-import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from support.components import require_binary
+from support.load import Load
 from support.plone import plone_app, plone_repository, shared_caches
 from support.ports import free_port_block
 from support.processes import wait_until
@@ -103,39 +101,6 @@ def answers(url: str) -> tuple[int, str]:
         return get(url)
     except OSError:
         return 0, ""
-
-
-class Load:
-    """GET loops on /Plone through HAProxy, counting what came back."""
-
-    def __init__(self, url: str, loops: int = 2) -> None:
-        self.url = url
-        self.results: Counter[str] = Counter()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(loops)]
-
-    def loop(self) -> None:
-        deadline = time.monotonic() + 1800  # bounded, whatever happens to the test
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            try:
-                status = get(self.url)[0]
-                self.results["ok" if status == 200 else f"http-{status}"] += 1
-            except OSError as exc:
-                self.results[type(exc).__name__] += 1
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-    @property
-    def failed(self) -> int:
-        return sum(n for outcome, n in self.results.items() if outcome != "ok")
 
 
 async def haproxy(tmp_path: Path, ports: list[int]) -> tuple[subprocess.Popen[bytes], str]:
@@ -246,7 +211,7 @@ async def test_plone_deploys_from_an_empty_root_and_rolls_without_a_failed_reque
                 facts=HostFacts(cpu_count=2, memory_mb=4096),
             )
             zeo_pid = pid(sv, "zeoserver")
-            with Load(f"{url}/Plone") as config_load:
+            with Load(f"{url}/Plone", loops=2) as config_load:
                 second = deployed(await pipeline.deploy(APP))
             assert second.decision == "config-changed"
             # Nothing the ZEO server runs changed: it kept running (a ZEO restart would
@@ -254,7 +219,7 @@ async def test_plone_deploys_from_an_empty_root_and_rolls_without_a_failed_reque
             assert pid(sv, "zeoserver") == zeo_pid
             # 3. A new commit, rolled under load; every client serves it.
             commit(work, {"VERSION": "2.0.0\n"})
-            with Load(f"{url}/Plone") as commit_load:
+            with Load(f"{url}/Plone", loops=2) as commit_load:
                 third = deployed(await pipeline.deploy(APP))
             assert third.decision == "new-revision"
             for port in ports:

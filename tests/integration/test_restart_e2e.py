@@ -11,13 +11,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from support.components import require_binary
+from support.load import Load
 from support.ports import free_port_block
 from support.site import SiteRepo, write_config
 from support.supervisord import Supervisord, running_supervisord
@@ -136,46 +136,6 @@ class Capacity:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=20)
-
-
-class Load:
-    """Four request loops through the load balancer, counting what came back."""
-
-    def __init__(self, url: str, loops: int = 4) -> None:
-        self.url = url
-        self.results: Counter[str] = Counter()
-        self.versions: Counter[str] = Counter()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(loops)]
-
-    def loop(self) -> None:
-        deadline = time.monotonic() + 240  # bounded, whatever happens to the test
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            try:
-                body = get(self.url)
-                outcome, version = "ok", body.split()[1]
-            except urllib.error.HTTPError as exc:
-                outcome, version = f"http-{exc.code}", ""
-            except OSError as exc:
-                outcome, version = type(exc).__name__, ""
-            with self.lock:
-                self.results[outcome] += 1
-                self.versions[version] += 1
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=20)
-
-    @property
-    def failed(self) -> int:
-        return sum(n for outcome, n in self.results.items() if outcome != "ok")
 
 
 @pytest.fixture
