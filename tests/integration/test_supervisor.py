@@ -47,6 +47,10 @@ def plan(sv: Supervisord, **kwargs: object) -> RestartPlan:
         "ports": sv.ports,
         "health_rise": 0,  # the balancer's rise has its own tests below
     }
+    # A service (a ZEO server) is up once it listens at its address, as the agent checks it.
+    services = kwargs.get("services", {})
+    assert isinstance(services, dict)
+    defaults["listen"] = {name: f"127.0.0.1:{sv.ports[name]}" for name in services}
     return RestartPlan(**{**defaults, **kwargs})  # type: ignore[arg-type]
 
 
