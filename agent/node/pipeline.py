@@ -4,7 +4,10 @@
 Each phase is its own small step; ``current`` is only ever touched by ``switch``, and only
 after buildout succeeded, so a failure anywhere before it leaves the live site as it was.
 One ``Pipeline`` serves a daemon's whole life; each command gets its own ``Progress`` port,
-through which its phases reach the command's events.
+through which its phases reach the command's events. A command's hook steps, restart
+steps and release memory live in ``agent/node/hooksteps.py``, ``agent/node/restartsteps.py``
+and ``agent/node/memory.py``; what is left here (a little over 400 lines) is the facade and
+the deploy/configure phases, which read best together.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,17 +27,20 @@ from structlog.contextvars import bound_contextvars
 from agent.adapters import buildoutcfg
 from agent.adapters.buildout import run_buildout
 from agent.adapters.files import atomic_write
-from agent.adapters.hooks import HookContext, HookName, run_hook
 from agent.adapters.host import HostFacts, app_lock
-from agent.adapters.releases import ReleaseInfo, ReleaseManager
+from agent.adapters.markers import ReleaseInfo
+from agent.adapters.releases import ReleaseManager
 from agent.adapters.state import AppState, StateStore
 from agent.core.config import AgentConfig, AppConfig
-from agent.core.errors import AgentError, HookFailed, ReleaseError, RestartHalted
+from agent.core.errors import AgentError
 from agent.core.outcome import Outcome
 from agent.core.plan import ClientLayout, Decision, Member, client_layout, decide
 from agent.core.render import RenderInput, cache_dirs, render_deploy_cfg
 from agent.core.stackconfig import StackSettings, stack_settings
-from agent.node.restart import Restarter, write_programs
+from agent.node.hooksteps import HookSteps
+from agent.node.memory import ReleaseMemory
+from agent.node.restart import Restarter
+from agent.node.restartsteps import RestartSteps
 
 log = structlog.get_logger(__name__)
 
@@ -163,7 +169,7 @@ class Pipeline:
         """Back to the newest good release before ``current``, or to ``to_release`` (a
         release name or a revision); a release marked bad only with ``force``."""
         run = _Run(self, app, progress)
-        return await run.guarded("rollback", lambda: run.rollback(to_release, force))
+        return await run.guarded("rollback", lambda: run.memory.rollback(to_release, force))
 
     async def configure(self, app: str, *, progress: Progress = NO_PROGRESS) -> Outcome:
         run = _Run(self, app, progress)
@@ -173,26 +179,26 @@ class Pipeline:
         self, app: str, *, restart_delay: float | None = None, progress: Progress = NO_PROGRESS
     ) -> Outcome:
         run = _Run(self, app, progress)
-        return await run.guarded("restart", lambda: run.restart(restart_delay))
+        return await run.guarded("restart", lambda: run.restarts.restart(restart_delay))
 
     async def heal(self, app: str, *, progress: Progress = NO_PROGRESS) -> Outcome:
         """Start again the app's programs that are not running (after a crash mid-roll)."""
         run = _Run(self, app, progress)
-        return await run.guarded("restart", run.heal)
+        return await run.guarded("restart", run.restarts.heal)
 
 
 class _Run:
-    """One command for one app: the steps, with the app's manager and the progress port.
-
-    Long by count of steps, not by any one of them: each method is one phase.
-    """
+    """One command for one app: the orchestrator of its phases, with the app's manager and
+    the progress port. Its hooks, restarts and release memory are parts it composes
+    (``agent/node/hooksteps.py``, ``restartsteps.py``, ``memory.py``)."""
 
     def __init__(self, pipeline: Pipeline, app: str, progress: Progress) -> None:
         self.p = pipeline
         self.app = app
         self.progress = progress
-        #: What this command's hooks are told; set once a release is known.
-        self.context: HookContext | None = None
+        self.hooks = HookSteps(self)
+        self.restarts = RestartSteps(self, pipeline)
+        self.memory = ReleaseMemory(self)
 
     @property
     def cfg(self) -> AppConfig:
@@ -201,6 +207,10 @@ class _Run:
     @property
     def mgr(self) -> ReleaseManager:
         return self.p.manager(self.app)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.p.config.instance.layers)
 
     async def phase(self, name: str, status: str, message: str, **details: Any) -> None:
         log.info("pipeline.phase", phase=name, status=status, message=message, **details)
@@ -218,7 +228,7 @@ class _Run:
                     except AgentError as exc:
                         outcome = Outcome.failed(kind, self.app, str(exc), error=exc.code)
                     if outcome.status == "failed":
-                        outcome = await self.on_failure(kind, outcome)
+                        outcome = await self.hooks.on_failure(kind, outcome)
             except AgentError as exc:
                 outcome = Outcome.failed(kind, self.app, str(exc), error=exc.code)
             outcome = outcome.with_changes(seconds=round(time.monotonic() - started, 2))
@@ -234,79 +244,6 @@ class _Run:
                 seconds=outcome.seconds,
             )
             return outcome
-
-    # -- hooks ----------------------------------------------------------------------------
-    def hook_context(
-        self,
-        kind: str,
-        release: Path,
-        *,
-        sha: str,
-        previous: ReleaseInfo | None,
-        decision: str = "",
-    ) -> HookContext:
-        self.context = HookContext(
-            app=self.app,
-            release=release.name,
-            release_dir=release,
-            kind=kind,
-            previous_release=previous.name if previous else "",
-            revision=sha,
-            previous_revision=previous.sha if previous else "",
-            decision=decision,
-            layers=tuple(self.p.config.instance.layers),
-        )
-        return self.context
-
-    async def hook(self, hook: HookName, context: HookContext) -> None:
-        """Run one hook; a failure raises HookFailed (the caller decides what it undoes)."""
-        steps = await run_hook(self.cfg.hooks, hook, context)
-        if steps:
-            await self.phase(f"hook:{hook}", "done", f"{hook}: {len(steps)} command(s) succeeded")
-
-    async def on_failure(self, kind: str, outcome: Outcome) -> Outcome:
-        """The ``on_failure`` hook, once per failed command, in the live release; its own
-        failure is logged and added to the message, never in place of the first error."""
-        try:
-            live = await asyncio.to_thread(self.mgr.current)
-        except AgentError:
-            live = None
-        base = self.context
-        if live is not None:
-            where, revision = live.path, live.sha
-        elif base is not None and base.release_dir.is_dir():  # a first deploy: none is live
-            where, revision = base.release_dir, base.revision
-        else:
-            return outcome
-        context = HookContext(
-            app=self.app,
-            release=where.name,
-            release_dir=where,
-            kind=kind,
-            previous_release=base.previous_release if base else "",
-            revision=revision,
-            previous_revision=base.previous_revision if base else "",
-            decision=base.decision if base else (outcome.decision or ""),
-            layers=tuple(self.p.config.instance.layers),
-        )
-        try:
-            steps = await run_hook(
-                self.cfg.hooks,
-                "on_failure",
-                context,
-                extra_env={
-                    "DEPLOY_ERROR": outcome.error or "",
-                    "DEPLOY_FAILED_RELEASE": base.release if base else "",
-                },
-            )
-        except HookFailed as exc:
-            log.error("hook.on_failure_failed", error=str(exc))
-            return outcome.with_changes(
-                message=f"{outcome.message}; the on_failure hook failed too: {exc.args[0]}"
-            )
-        if steps:
-            await self.phase("hook:on_failure", "done", f"on_failure: {len(steps)} command(s) ran")
-        return outcome
 
     # -- deploy ---------------------------------------------------------------------------
     async def deploy(
@@ -352,16 +289,21 @@ class _Run:
         mgr = self.mgr
         for cache in cache_dirs(mgr.app_dir).values():  # deploy.cfg points the clients here
             cache.mkdir(parents=True, exist_ok=True)
-        self.forget_caches_of_another_database(mgr.app_dir)
+        forget_caches_of_another_database(
+            mgr.app_dir,
+            shared_dirs=self.cfg.shared_dirs,
+            zeo_layer=self.p.settings().plone_instances.zeo_layer,
+            layers=self.layers,
+        )
         release = await asyncio.to_thread(mgr.new_release_dir)
         with bound_contextvars(release=release.name):
             previous = mgr.current()
-            context = self.hook_context(
+            context = self.hooks.context_for(
                 kind, release, sha=sha, previous=previous, decision=decision
             )
             try:
                 await self.build(release, sha, cfg_bytes, decision)
-                await self.hook("before_switch", context)
+                await self.hooks.run("before_switch", context)
             except BaseException as exc:
                 reason = str(exc) if isinstance(exc, AgentError) else type(exc).__name__
                 with contextlib.suppress(OSError, AgentError):
@@ -376,30 +318,13 @@ class _Run:
                 revision=sha,
                 release=release.name,
             )
-            outcome = await self.restart_or_recover(previous, delay, outcome, context)
+            outcome = await self.memory.restart_or_recover(previous, delay, outcome, context)
             pruned = await asyncio.to_thread(mgr.prune)
             if pruned:
                 await self.phase(
                     "prune", "done", f"removed {len(pruned)} old release(s)", pruned=pruned
                 )
             return outcome
-
-    def forget_caches_of_another_database(self, app_dir: Path) -> None:
-        """A ZEO server of this host about to create a new database (no Data.fs yet): the
-        clients' persistent caches belong to another one, and a client whose cache is
-        newer than its server never connects. They go before anything starts."""
-        if "var/filestorage" not in self.cfg.shared_dirs:
-            return
-        zeo_layer = self.p.settings().plone_instances.zeo_layer
-        if zeo_layer not in self.p.config.instance.layers:
-            return
-        if (app_dir / "shared" / "var" / "filestorage" / "Data.fs").exists():
-            return
-        stale = sorted(cache_dirs(app_dir)["zeo"].glob("*.zec*"))
-        for path in stale:
-            path.unlink(missing_ok=True)
-        if stale:
-            log.warning("releases.stale_zeo_caches_removed", files=[p.name for p in stale])
 
     async def build(
         self, release: Path, sha: str, cfg_bytes: bytes, decision: str | None = None
@@ -447,158 +372,7 @@ class _Run:
         )
         return info
 
-    async def restart_or_recover(
-        self,
-        previous: ReleaseInfo | None,
-        delay: float | None,
-        outcome: Outcome,
-        context: HookContext | None = None,
-    ) -> Outcome:
-        """``before_restart``, the clients' restart, ``after_restart``. A halted roll or a
-        failed hook fails the deploy and marks the release bad; with ``on_failure:
-        rollback`` the previous release is put back and what had been restarted is
-        restarted again."""
-        release = outcome.release or ""
-        report: dict[str, Any] | None = None
-        redo: list[str] | None
-        try:
-            if context is not None:
-                await self.hook("before_restart", context)
-            report = await self.restart_clients(delay)
-            if context is not None:
-                await self.hook("after_restart", context)
-            return outcome.with_details(restart=report)
-        except RestartHalted as exc:
-            what = f"the restart halted: {exc}"
-            failed = outcome.with_changes(status="failed", error=exc.code)
-            await self.mark_bad(release, what)
-            redo = [*exc.restarted, exc.program]
-        except HookFailed as exc:
-            what = str(exc)
-            failed = outcome.with_changes(status="failed", error=exc.code)
-            if report is not None:
-                failed = failed.with_details(restart=report)
-            await self.mark_bad(release, exc.args[0])
-            redo = None if report is not None else []  # before_restart: nothing restarted
-        except AgentError as exc:  # supervisord unreachable, say: the switch stands
-            return outcome.with_changes(
-                status="failed",
-                error=exc.code,
-                message=f"release {outcome.release} is live but the restart failed: {exc}",
-            )
-        if self.cfg.restart.on_failure != "rollback" or previous is None:
-            return failed.with_changes(message=f"release {release} is live but {what}")
-        await self.phase("rollback", "started", f"on_failure=rollback: back to {previous.name}")
-        await self.switch(previous.path)
-        if redo == []:
-            again: dict[str, Any] = {"skipped": True}
-        else:
-            again = await self.restart_clients(delay, only=redo)
-        return failed.with_changes(
-            message=f"release {release} failed ({what}); rolled back to {previous.name}",
-            release=previous.name,
-            revision=previous.sha,
-        ).with_details(rollback_restart=again)
-
-    async def mark_bad(self, release: str, reason: str) -> None:
-        if not release:
-            return
-        mgr = self.mgr
-        with contextlib.suppress(OSError, AgentError):
-            await asyncio.to_thread(mgr.mark_bad, mgr.releases_dir / release, reason)
-
-    async def restart_clients(
-        self, delay: float | None, only: list[str] | None = None
-    ) -> dict[str, Any]:
-        cfg = self.cfg
-        settings = self.p.settings()
-        # The agent's supervisord programs for this app, read at the restart's reloadConfig.
-        await asyncio.to_thread(
-            write_programs, self.p.config, self.app, settings, self.p.layout(settings)
-        )
-        if self.p.restarter is None:
-            await self.phase("restart", "skipped", "no supervisor configured: nothing restarted")
-            return {"skipped": True}
-        if delay is None:
-            delay = cfg.restart.restart_delay
-        if delay is None:
-            delay = settings.plone_instances.restart_delay
-        await self.phase("restart", "started", f"{cfg.restart.strategy} restart, delay {delay} s")
-        report = await self.p.restarter.restart(
-            app=self.app,
-            config=cfg,
-            layout=self.p.layout(settings),
-            restart_delay=delay,
-            only=only,
-        )
-        await self.phase("restart", "done", "clients restarted", **report)
-        return report
-
-    # -- rollback, restart, heal, configure -------------------------------------------------
-    async def rollback(self, to_release: str | None, force: bool = False) -> Outcome:
-        mgr = self.mgr
-        current = mgr.current()
-        target = await asyncio.to_thread(mgr.rollback_target, to_release, force=force)
-        if target is None:
-            raise ReleaseError(
-                f"no release to roll back to for {self.app}: no good release before current"
-            )
-        if current is not None and target.name == current.name:
-            return Outcome.unchanged(
-                "rollback",
-                self.app,
-                f"{target.name} is already current",
-                revision=target.sha,
-                release=target.name,
-            )
-        self.hook_context("rollback", target.path, sha=target.sha, previous=current)
-        await self.switch(target.path)
-        outcome = Outcome.succeeded(
-            "rollback",
-            self.app,
-            f"rolled back to {target.name} ({target.sha[:12]})",
-            revision=target.sha,
-            release=target.name,
-        )
-        try:
-            report = await self.restart_clients(None)
-        except RestartHalted as exc:
-            await self.mark_bad(target.name, f"the restart halted: {exc}")
-            raise
-        return outcome.with_details(restart=report)
-
-    async def restart(self, delay: float | None) -> Outcome:
-        """A rolling restart of the live release, without building anything."""
-        current = self.mgr.current()
-        if current is None:
-            raise ReleaseError(f"{self.app} is not deployed here yet: nothing to restart")
-        outcome = Outcome.succeeded(
-            "restart",
-            self.app,
-            f"clients of {current.name} restarted",
-            revision=current.sha,
-            release=current.name,
-        )
-        return outcome.with_details(restart=await self.restart_clients(delay))
-
-    async def heal(self) -> Outcome:
-        current = self.mgr.current()
-        if self.p.restarter is None or current is None:
-            return Outcome.unchanged("restart", self.app, "nothing to start again")
-        started = await self.p.restarter.heal(
-            app=self.app, config=self.cfg, layout=self.p.layout(self.p.settings())
-        )
-        where = {"revision": current.sha, "release": current.name}
-        if not started:
-            return Outcome.unchanged("restart", self.app, "every program was running", **where)
-        return Outcome.succeeded(
-            "restart",
-            self.app,
-            f"started again: {', '.join(started)}",
-            details={"started": started},
-            **where,
-        )
-
+    # -- configure (rollback: agent/node/memory.py; restarts: agent/node/restartsteps.py) --
     async def configure(self) -> Outcome:
         """Re-render deploy.cfg for the live revision; a new release only if it changed."""
         current = self.mgr.current()
@@ -630,3 +404,22 @@ def deployed_cfg(current: ReleaseInfo | None) -> bytes | None:
         return (current.path / "deploy.cfg").read_bytes()
     except OSError:
         return None
+
+
+def forget_caches_of_another_database(
+    app_dir: Path, *, shared_dirs: Sequence[str], zeo_layer: str, layers: Sequence[str]
+) -> None:
+    """A ZEO server of this host about to create a new database (no Data.fs yet): the
+    clients' persistent caches belong to another one, and a client whose cache is
+    newer than its server never connects. They go before anything starts."""
+    if "var/filestorage" not in shared_dirs:
+        return
+    if zeo_layer not in layers:
+        return
+    if (app_dir / "shared" / "var" / "filestorage" / "Data.fs").exists():
+        return
+    stale = sorted(cache_dirs(app_dir)["zeo"].glob("*.zec*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.warning("releases.stale_zeo_caches_removed", files=[p.name for p in stale])

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.adapters.releases import MARKER, ReleaseManager
+from agent.adapters.markers import MARKER
+from agent.adapters.releases import ReleaseManager
 from agent.core.errors import ConfigError, GitError, ReleaseError, RevisionNotFound
 
 GIT_ID = ["-c", "user.name=Test", "-c", "user.email=test@example.org", "-c", "tag.gpgSign=false"]

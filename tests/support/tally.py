@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.adapters.releases import MARKER
+from agent.adapters.markers import MARKER
 from support.agents import AgentProcess
 
 HOSTILE_COUNTERS = ("tried", "crashed", "wrongly_accepted", "known_bugs")

@@ -14,8 +14,9 @@ from structlog.testing import capture_logs
 from agent.core.errors import ConfigError
 from agent.core.plan import Member
 from agent.core.stackconfig import stack_settings
-from agent.node.daemon import host_shutting_down, load_pins
 from agent.node.fleet import Debouncer, Fleet
+from agent.node.membership import load_pins
+from agent.node.stopping import host_shutting_down
 from agent.protocol import AppPresence, ClientInfo, Presence, encode, parse_message
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

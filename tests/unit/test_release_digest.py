@@ -3,7 +3,7 @@ happened to write the same eggs (plone.recipe.zeoserver follows a set)."""
 
 from __future__ import annotations
 
-from agent.adapters.releases import _order_free
+from agent.adapters.programrecords import _order_free
 
 
 def test_the_same_path_list_in_another_order_is_the_same_file() -> None:
