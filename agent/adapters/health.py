@@ -63,6 +63,8 @@ async def probe(url: str, *, timeout: float = PROBE_TIMEOUT) -> int:
         context = ssl.create_default_context() if tls else None
         reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
         try:
+            if _self_connected(writer):
+                raise ConnectionRefusedError("connected to itself: nothing listens yet")
             writer.write(request.encode("ascii"))
             await writer.drain()
             status_line = await reader.readline()
@@ -70,6 +72,13 @@ async def probe(url: str, *, timeout: float = PROBE_TIMEOUT) -> int:
             writer.close()
             await _closed(writer)
     return _status_code(status_line)
+
+
+def _self_connected(writer: asyncio.StreamWriter) -> bool:
+    """A TCP self-connect: polling a port nobody listens on yet, from the same host, can
+    pick that very port as the local end and "connect" (a port in the kernel's ephemeral
+    range, as in a test); the poller then reads back what it sent."""
+    return bool(writer.get_extra_info("sockname") == writer.get_extra_info("peername"))
 
 
 async def _closed(writer: asyncio.StreamWriter) -> None:
@@ -100,7 +109,11 @@ async def wait_healthy(url: str, *, timeout: float, interval: float = POLL_INTER
             break
         try:
             status = await probe(url, timeout=min(PROBE_TIMEOUT, remaining))
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            if remaining >= PROBE_TIMEOUT or last_error == "no answer yet":
+                last_error = str(exc) or type(exc).__name__
+            # else: the deadline cut this probe short; the answer before it says more
+        except OSError as exc:
             last_error = str(exc) or type(exc).__name__
         else:
             if 200 <= status < 400:
@@ -133,10 +146,13 @@ async def wait_listening(address: str, *, timeout: float, interval: float = POLL
         try:
             async with asyncio.timeout(min(PROBE_TIMEOUT, remaining)):
                 _, writer = await asyncio.open_connection(host or "127.0.0.1", port)
+            itself = _self_connected(writer)
             writer.close()
             async with asyncio.timeout(PROBE_TIMEOUT):
                 await _closed(writer)
-            return time.monotonic() - started
+            if not itself:
+                return time.monotonic() - started
+            last_error = "connected to itself: nothing listens yet"
         except (OSError, TimeoutError) as exc:
             last_error = str(exc) or type(exc).__name__
         await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import socket
 import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -16,7 +18,12 @@ import structlog
 from support.ports import free_port
 from support.supervisord import Supervisord, running_supervisord
 
-from agent.adapters.health import HealthCheckFailed, health_url_for, wait_healthy
+from agent.adapters.health import (
+    HealthCheckFailed,
+    _self_connected,
+    health_url_for,
+    wait_healthy,
+)
 from agent.adapters.supervisor import ProcessInfo, SupervisorClient, match_programs
 from agent.core.errors import ConfigError, RestartHalted, SupervisorError
 from agent.node.rolling import RestartPlan, restart_programs
@@ -119,16 +126,27 @@ async def test_rolling_restart_goes_in_natural_order_and_gives_each_program_a_ne
     ]
 
 
-async def test_restart_delay_separates_consecutive_restarts(sv: Supervisord) -> None:
+async def test_restart_delay_separates_consecutive_restarts(
+    sv: Supervisord, monkeypatch: pytest.MonkeyPatch
+) -> None:
     client = with_clients(sv, "client1", "client2", "client3")
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded(delay: float, *args: Any) -> Any:
+        sleeps.append(delay)
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded)
     report = await restart_programs(client, plan(sv, restart_delay=0.4))
+    monkeypatch.undo()
 
     new_pids = {r.pid_after for r in report.restarted}
     times = [at for _, pid, at in sv.starts() if pid in new_pids]
     assert len(times) == 3
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert all(gap >= 0.4 for gap in gaps), gaps
-    assert report.seconds < 0.4 * 2 + 3.0, "no delay after the last program"
+    assert sleeps.count(0.4) == 2, "a delay between programs, none after the last"
 
 
 async def test_unhealthy_program_halts_the_roll_and_later_programs_keep_their_pid(
@@ -363,6 +381,26 @@ async def test_health_check_times_out_with_the_last_error() -> None:
     with pytest.raises(HealthCheckFailed, match=r"did not answer 2xx/3xx within 0\.3s") as failed:
         await wait_healthy(url, timeout=0.3)
     assert failed.value.url == url
+
+
+async def test_a_socket_connected_to_itself_is_not_a_listener() -> None:
+    """Dialling a port nobody listens on from that same port "connects" (a TCP self-connect),
+    as a poll of a not-yet-started client on an ephemeral port can: not an answer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.connect(sock.getsockname())
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        assert _self_connected(writer)
+    finally:
+        writer.close()
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, other = await asyncio.open_connection("127.0.0.1", port)
+    assert not _self_connected(other)
+    other.close()
+    server.close()
+    await server.wait_closed()
 
 
 def test_health_url_template_gets_name_and_port() -> None:

@@ -236,7 +236,9 @@ def test_a_payload_nested_100000_deep_is_rejected_quickly_without_recursion_erro
     started = time.monotonic()
     assert "nested deeper than 16" in rejection(hostile, max_bytes=1_000_000)
     assert "over the limit" in rejection(hostile)
-    assert time.monotonic() - started < 1.0
+    # A bound on a hang, not a speed: it takes milliseconds; recursion or a quadratic
+    # scan of 200,000 brackets would take minutes or crash.
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize(
@@ -247,7 +249,8 @@ def test_a_payload_nested_100000_deep_is_rejected_quickly_without_recursion_erro
 def test_hostile_quoting_is_rejected_in_linear_time(hostile: bytes) -> None:
     started = time.monotonic()
     rejection(hostile[:MAX_PAYLOAD_BYTES])
-    assert time.monotonic() - started < 0.5
+    # Milliseconds when linear; a quadratic scan of 65,536 bytes is ~4e9 steps (minutes).
+    assert time.monotonic() - started < 10
 
 
 def nesting(value: Any) -> int:
