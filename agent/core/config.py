@@ -100,6 +100,18 @@ class BuildoutConfig(Model):
     reuse_bootstrap: bool = True
 
 
+class BalancerConfig(Model):
+    """HAProxy's stats page, read so that the roll waits for HAProxy to count a restarted
+    client UP before it stops the next (docs/architecture.md, "Restarts")."""
+
+    #: The stats page (``stack_config.haproxy.stats_bind`` of the shipped template), e.g.
+    #: ``http://10.0.0.5:8404/``; its CSV export (``;csv``) is read.
+    stats_url: str = Field(max_length=2000, pattern=r"^https?://[^\s/?#]+(/[^\s#]*)?$")
+    backend: str = Field(default="zeo_clients", min_length=1, max_length=200)
+    #: HAProxy's name of a program of this instance; the shipped template's by default.
+    server: str = Field(default="{instance}-{name}", min_length=1, max_length=200)
+
+
 class RestartConfig(Model):
     programs: list[str] = Field(default_factory=lambda: ["client*"], min_length=1)
     strategy: Literal["rolling", "all"] = "rolling"
@@ -108,11 +120,14 @@ class RestartConfig(Model):
     health_timeout: float = Field(default=60, gt=0)
     #: After a restarted client first answers its health URL: this many further
     #: consecutive healthy answers, ``health_interval`` seconds apart, before the next
-    #: client is stopped. The shipped HAProxy template (``inter 500ms fall 1 rise 1``)
-    #: needs one successful check after the client is up, i.e. up to 0.5 s; 2 x 0.5 s
-    #: covers that with one check interval to spare.
+    #: client is stopped. The shipped HAProxy template (``inter 500ms rise 1``) needs
+    #: one successful check after the client is up: 0.5 s plus the check's own time, which
+    #: for a just-started Zope on a busy host is seconds (``balancer`` waits for it).
     health_rise: int = Field(default=2, ge=0, le=100)
     health_interval: float = Field(default=0.5, gt=0, le=60)
+    #: Also wait for HAProxy to count the client UP (its own check of a just-started Zope
+    #: can take seconds longer than the agent's) before the next one stops.
+    balancer: BalancerConfig | None = None
     on_failure: Literal["halt", "rollback"] = "halt"
     #: Rolling: how many clients of this host may be down at once. They restart in waves
     #: of this size (stopped together, started together, all healthy before the next).

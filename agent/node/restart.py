@@ -19,12 +19,13 @@ from typing import Any, Protocol
 
 import structlog
 
+from agent.adapters.balancer import BalancerGate
 from agent.adapters.configfile import read_secret
 from agent.adapters.files import atomic_write
 from agent.adapters.releases import ReleaseManager
 from agent.adapters.supervisor import ProcessInfo, SupervisorClient
 from agent.core.config import AgentConfig, AppConfig, SupervisorConfig
-from agent.core.errors import ReleaseError, RestartHalted
+from agent.core.errors import ConfigError, ReleaseError, RestartHalted
 from agent.core.plan import ClientLayout
 from agent.core.programs import ProgramsInput, render_programs
 from agent.core.stackconfig import StackSettings
@@ -92,9 +93,12 @@ def write_programs(
 class SupervisorRestarter:
     """Health-gated restarts of an app's programs through supervisord's XML-RPC API."""
 
-    def __init__(self, config: SupervisorConfig, *, root: Path | None = None) -> None:
+    def __init__(
+        self, config: SupervisorConfig, *, root: Path | None = None, instance: str = ""
+    ) -> None:
         self.config = config
         self.root = root
+        self.instance = instance
 
     def client(self) -> SupervisorClient:
         return SupervisorClient(
@@ -155,6 +159,7 @@ class SupervisorRestarter:
             ports=layout.ports,
             services=services,
             listen=self.listen_checks(mgr, config),
+            balancer=self.balancer_gate(config, layout),
         )
         try:
             report = await restart_programs(client, plan)
@@ -163,6 +168,28 @@ class SupervisorRestarter:
             raise
         self.record(mgr, [*report.supporting, *(r.name for r in report.restarted)], report.removed)
         return _summary(report)
+
+    def balancer_gate(self, config: AppConfig, layout: ClientLayout) -> BalancerGate | None:
+        """HAProxy's names of this instance's clients, when the roll waits for HAProxy."""
+        balancer = config.restart.balancer
+        if balancer is None:
+            return None
+        try:
+            servers = {
+                name: balancer.server.format(instance=self.instance, name=name)
+                for name in layout.names
+            }
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"restart.balancer.server {balancer.server!r} may only use "
+                f"{{instance}} and {{name}}: {exc}"
+            ) from exc
+        return BalancerGate(
+            stats_url=balancer.stats_url,
+            backend=balancer.backend,
+            servers=servers,
+            interval=config.restart.health_interval,
+        )
 
     def listen_checks(self, mgr: ReleaseManager | None, config: AppConfig) -> dict[str, str]:
         """The ZEO server is up when it listens where deploy.cfg says (``[deploy]
@@ -286,4 +313,6 @@ def restarter_for(config: AgentConfig) -> SupervisorRestarter | None:
     """None when no supervisor is configured: the pipeline then says it skipped restarts."""
     if not config.supervisor:
         return None
-    return SupervisorRestarter(config.supervisor, root=Path(config.paths.root))
+    return SupervisorRestarter(
+        config.supervisor, root=Path(config.paths.root), instance=config.instance.id
+    )

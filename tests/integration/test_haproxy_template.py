@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,12 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from support.components import require_binary
 from support.ports import free_port
+from support.processes import wait_until
 from support.site import REPO
 
+from agent.adapters.balancer import BalancerGate, server_status, wait_in_service
 from agent.adapters.templates import apply_templates, build_context
 from agent.core.config import TemplateConfig
+from agent.core.errors import HealthCheckFailed
 from agent.core.plan import Member
 from agent.protocol import ClientInfo
 
@@ -50,8 +55,8 @@ class NamedHandler(BaseHTTPRequestHandler):
 class NamedServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, name: str) -> None:
-        super().__init__(("127.0.0.1", 0), NamedHandler)
+    def __init__(self, name: str, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), NamedHandler)
         self.name = name
         self.stopped = False
         self.thread = threading.Thread(
@@ -191,9 +196,10 @@ async def test_shipped_template_with_defaults_passes_haproxy_check(
     assert "zeo-1" not in text  # another layer
     for setting in (
         "option httpchk GET /\n",
-        "default-server inter 500ms fall 1 rise 1\n",
+        "default-server inter 500ms fall 3 rise 1\n",
+        "timeout check 10s\n",
         "retries 2\n",
-        "option redispatch\n",
+        "option redispatch 1\n",
         "retry-on all-retryable-errors\n",
         "bind *:80\n",
         "balance roundrobin\n",
@@ -228,7 +234,7 @@ async def test_settings_come_from_stack_config_and_pass_haproxy_check(
         "option httpchk GET /@@ok\n",
         "bind 127.0.0.1:8999\n",
         "balance leastconn\n",
-        "default-server inter 500ms fall 1 rise 1 maxconn 2\n",
+        "default-server inter 500ms fall 3 rise 1 maxconn 2\n",
         "timeout server 300s\n",
         "listen stats\n",
     ):
@@ -268,9 +274,51 @@ async def test_haproxy_retries_elsewhere_when_a_client_refuses_connections(
     path = await render(tmp_path, context(backend_ports(backends), live_settings(port)))
     backends["web-2-client1"].stop()
     proxy = start_haproxy(path, port)
-    # HAProxy starts with every server up; until a check marks this one down (within
-    # 500 ms), "retries 2" and "option redispatch" send its share to the others.
+    # HAProxy starts with every server up; until checks mark this one down (three refused,
+    # 500 ms apart), "retries 2" and "option redispatch 1" send its share to the others.
     answers = Counter(proxy.get() for _ in range(12))
     assert {status for status, _ in answers} == {200}
     assert {body for _, body in answers} == set(backends) - {"web-2-client1"}
     assert proxy.stop() == 0
+
+
+async def test_the_roll_waits_until_haproxy_counts_a_client_up(
+    tmp_path: Path, backends: dict[str, NamedServer], start_haproxy: Any
+) -> None:
+    """restart.balancer: HAProxy's stats page (the template's stats_bind) says which
+    clients it sends requests to; a client it counts DOWN is waited for, then passes."""
+    port, stats = free_port(), free_port()
+    settings = {**live_settings(port), "stats_bind": f"127.0.0.1:{stats}"}
+    path = await render(tmp_path, context(backend_ports(backends), settings))
+    proxy = start_haproxy(path, port)
+    gate = BalancerGate(
+        stats_url=f"http://127.0.0.1:{stats}/",
+        backend="zeo_clients",
+        servers={"client1": "web-1-client1", "client2": "web-1-client2", "ghost": "web-9-x"},
+        interval=0.1,
+    )
+    bound = 60.0  # bounds a hang; each wait ends as soon as HAProxy's state allows
+
+    await wait_in_service(gate, "client1", deadline=time.monotonic() + bound)
+    assert await wait_in_service(gate, "celery", deadline=time.monotonic()) == 0.0  # not HAProxy's
+    with structlog.testing.capture_logs() as logs:
+        await wait_in_service(gate, "ghost", deadline=time.monotonic() + bound)
+    assert [e["server"] for e in logs if e["event"] == "restart.balancer_unknown"] == ["web-9-x"]
+
+    stopped = backends["web-1-client2"]
+    stopped.stop()
+    csv_page = f"http://127.0.0.1:{stats}/;csv"
+    wait_until(lambda: status_of(csv_page, "web-1-client2") == "DOWN", bound, "never DOWN")
+    with pytest.raises(HealthCheckFailed, match=r"zeo_clients/web-1-client2.*HAProxy says DOWN"):
+        await wait_in_service(gate, "client2", deadline=time.monotonic() + 0.5)
+
+    backends["web-1-client2"] = NamedServer("web-1-client2", stopped.port)
+    with structlog.testing.capture_logs() as logs:
+        await wait_in_service(gate, "client2", deadline=time.monotonic() + bound)
+    assert [e["status"] for e in logs if e["event"] == "restart.balancer_up"] == ["UP"]
+    assert proxy.stop() == 0
+
+
+def status_of(csv_page: str, server: str) -> str | None:
+    with urllib.request.urlopen(csv_page, timeout=5) as response:
+        return server_status(response.read().decode(), "zeo_clients", server)
