@@ -3,6 +3,7 @@ deploy never takes the site down"."""
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 import urllib.error
@@ -32,7 +33,9 @@ class Load:
                 outcome = "ok"
             except urllib.error.HTTPError as exc:
                 outcome = f"http-{exc.code}"
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
+                # IncompleteRead: the answer began and was cut off (a client stopped while
+                # sending it; HAProxy cannot replay a response it already forwarded).
                 outcome = type(exc).__name__
             with self.lock:
                 self.results[outcome] += 1
@@ -50,3 +53,8 @@ class Load:
     @property
     def failed(self) -> int:
         return sum(n for outcome, n in self.results.items() if outcome != "ok")
+
+    @property
+    def cut_off(self) -> int:
+        """Answers that began and were cut off mid-body."""
+        return self.results.get("IncompleteRead", 0)
