@@ -8,10 +8,11 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that was free a moment ago, below the ephemeral range: a port
+    the kernel hands out (bind to 0) is also one it gives any outgoing connection of any
+    process, so another test's connection can take it before the server binds it
+    ("Address already in use", seen with two suites side by side)."""
+    return free_port_block(1) + 1
 
 
 def port_is_free(port: int) -> bool:
