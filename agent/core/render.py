@@ -22,6 +22,12 @@ What the real recipes read (plone.recipe.zope2instance 6+, plone.recipe.zeoserve
   symlink a release has in their place.
 - Client cache names carry the app's name, live in the app's shared cache directory, and
   ``CHAMELEON_CACHE`` is shared by the releases, so templates are not compiled again.
+- With plone.recipe.zope2instance, the cache name is ``$(DEPLOY_ZEO_CLIENT)`` (ZConfig
+  reads it from the environment), which ``bin/client<n>`` sets first (the recipe's
+  ``initialization``): ``<app>-client<n>`` when it runs the client (``console``, ``fg``,
+  ``start``), empty (a temporary cache) for ``run``, ``debug`` and the rest. A script run
+  with ``bin/client1 run`` while client1 serves would otherwise open the same cache file
+  and fail on its lock (``LockError: Couldn't lock …zec.lock``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ ZEO_PORT = 8001
 #: Multi-line by design, and written verbatim into [buildout] already.
 STACK_CONFIG_SKIPPED = {"buildout_additional_config"}
 FILESTORAGE, BLOBSTORAGE = "var/filestorage", "var/blobstorage"
+ZOPE_RECIPE = "plone.recipe.zope2instance"
+#: The commands of ``bin/client<n>`` that run the client itself (its persistent cache).
+CLIENT_COMMANDS = ("console", "fg", "foreground", "start", "restart")
 
 
 def cache_dirs(app_root: Path) -> dict[str, Path]:
@@ -74,6 +83,8 @@ class RenderInput:
     shared_dirs: tuple[str, ...] = (FILESTORAGE, BLOBSTORAGE, "var/log")
     #: Layer -> member id the fleet keeps serving that layer (see ``service_member``).
     pins: Mapping[str, str] = field(default_factory=dict)
+    #: ``[client1] recipe`` of the base configuration (None when it cannot be read).
+    client_recipe: str | None = None
 
 
 def scalar(value: object, *, what: str) -> str:
@@ -206,6 +217,22 @@ def environment_lines(inp: RenderInput) -> list[str]:
     return [f"    {name} {merged[name]}".rstrip() for name in sorted(merged)]
 
 
+def zope_recipe(recipe: str | None) -> bool:
+    """plone.recipe.zope2instance (any version): its zope.conf is read by ZConfig."""
+    return recipe is not None and recipe.partition(":")[0].strip() == ZOPE_RECIPE
+
+
+def cache_name_code(app: str) -> str:
+    """The first line of ``bin/client<n>``: ``DEPLOY_ZEO_CLIENT`` is the client's cache name
+    when the script runs the client, empty (a temporary cache) for a script or a debug
+    session, which then never meets the running client's cache lock."""
+    return (
+        "import os, sys; os.environ['DEPLOY_ZEO_CLIENT'] = "
+        f"{app + '-'!r} + os.path.basename(sys.argv[0]) if next((a for a in sys.argv[1:] "
+        f"if not a.startswith('-')), '') in {CLIENT_COMMANDS!r} else ''"
+    )
+
+
 def client_sections(inp: RenderInput) -> list[str]:
     if inp.layout.count == 0:
         return []
@@ -217,8 +244,14 @@ def client_sections(inp: RenderInput) -> list[str]:
     if plone.zserver_threads is not None:
         first.append(option("threads", plone.zserver_threads, what="client1"))
         first.append(option("zserver-threads", plone.zserver_threads, what="client1"))
-    if plone.persistent_cache:
+    by_environment = plone.persistent_cache and zope_recipe(inp.client_recipe)
+    if by_environment:
+        first.append("zeo-client-client = $(DEPLOY_ZEO_CLIENT)")
+        code = scalar(cache_name_code(inp.app), what="client1.initialization")
+        first.append(f"initialization += {code}")
+    elif plone.persistent_cache:
         first.append(option("zeo-client-client", f"{inp.app}-client1", what="client1"))
+    if plone.persistent_cache:
         first.append(option("zeo-var", cache_dirs(inp.app_root)["zeo"], what="client1"))
     blobstorage = shared(inp, BLOBSTORAGE)
     if blobstorage is not None:
@@ -228,7 +261,7 @@ def client_sections(inp: RenderInput) -> list[str]:
     sections = [section("client1", first)]
     for n, name in enumerate(inp.layout.names[1:], start=2):
         lines = ["<= client1", option("http-address", ports[name], what=name)]
-        if plone.persistent_cache:
+        if plone.persistent_cache and not by_environment:
             lines.append(option("zeo-client-client", f"{inp.app}-client{n}", what=name))
         sections.append(section(name, lines))
     return sections

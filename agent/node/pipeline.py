@@ -120,9 +120,12 @@ class Pipeline:
         cfg = self.config.app(app)
         base_config = cfg.buildout.config or settings.plone_instances.base_config
         mgr = self.manager(app)
-        base_environment = buildoutcfg.environment(
-            lambda path: mgr.read_file(sha, path), base_config
-        )
+
+        def read(path: str) -> str | None:
+            return mgr.read_file(sha, path)
+
+        base_environment = buildoutcfg.environment(read, base_config)
+        client_recipe = buildoutcfg.option_value(read, base_config, "client1", "recipe")
         return render_deploy_cfg(
             RenderInput(
                 stack=self.config.stack,
@@ -138,6 +141,7 @@ class Pipeline:
                 members=self.members(),
                 base_config=cfg.buildout.config,
                 base_environment=base_environment,
+                client_recipe=client_recipe,
                 shared_dirs=tuple(cfg.shared_dirs),
                 pins=dict(self.pins()),
             )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import configparser
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,44 @@ def test_deploy_cfg_has_the_sections_cookbook_buildouts_read():
     assert cfg["deploy"]["current"] == f"{ROOT}/current"
     # Only what the app's buildout reads: who else is online is not in deploy.cfg.
     assert not cfg.has_section("instances")
+
+
+@pytest.mark.parametrize(
+    ("argv", "cache"),
+    [
+        (["bin/client2", "console"], "mysite-client2"),
+        (["/srv/deploy/mysite/current/bin/client1", "fg"], "mysite-client1"),
+        (["bin/client1", "start"], "mysite-client1"),
+        (["bin/client1", "run", "scripts/upgrade.py", "console"], ""),
+        (["bin/client1", "debug"], ""),
+        (["bin/client1", "adduser", "admin", "secret"], ""),
+        (["bin/client1"], ""),
+    ],
+)
+def test_zope2instance_clients_name_their_cache_and_a_script_run_gets_none(tmp_path, argv, cache):
+    """With plone.recipe.zope2instance, zope.conf takes the cache name from the environment
+    (ZConfig's $(NAME)), which bin/client<n> sets first: a `run` next to the running client
+    opens a temporary cache instead of the client's locked one."""
+    cfg = parse(render_deploy_cfg(make_input(client_recipe="plone.recipe.zope2instance")))
+    assert cfg["client1"]["zeo-client-client"] == "$(DEPLOY_ZEO_CLIENT)"
+    assert not cfg.has_option("client2", "zeo-client-client")  # inherited: <= client1
+    assert cfg["client1"]["zeo-var"] == f"{ROOT}/shared/cache/zeo"
+    # Run the line as the first one of a script named like the client's (argv[0]).
+    script = tmp_path / Path(argv[0]).name
+    script.write_text(
+        cfg["client1"]["initialization +"] + "\nprint(os.environ['DEPLOY_ZEO_CLIENT'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), *argv[1:]], capture_output=True, text=True, check=True
+    )
+    assert done.stdout == cache + "\n"
+
+
+def test_other_recipes_get_literal_cache_names():
+    cfg = parse(render_deploy_cfg(make_input(client_recipe="zeosite.recipe:client")))
+    assert cfg["client1"]["zeo-client-client"] == "mysite-client1"
+    assert cfg["client2"]["zeo-client-client"] == "mysite-client2"
+    assert not cfg.has_option("client1", "initialization +")
 
 
 def test_environment_vars_are_sorted_and_include_the_shared_caches():
