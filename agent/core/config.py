@@ -110,6 +110,11 @@ class BalancerConfig(Model):
     backend: str = Field(default="zeo_clients", min_length=1, max_length=200)
     #: HAProxy's name of a program of this instance; the shipped template's by default.
     server: str = Field(default="{instance}-{name}", min_length=1, max_length=200)
+    #: Before a client stops: HAProxy sends it no new request (the stats page's admin form,
+    #: ``stats admin``) and the roll waits until it answers nothing, at most
+    #: ``drain_timeout`` seconds; it is set ready again once it answers.
+    drain: bool = True
+    drain_timeout: float = Field(default=30, ge=0, le=3600)
 
 
 class RestartConfig(Model):

@@ -189,6 +189,8 @@ class SupervisorRestarter:
             backend=balancer.backend,
             servers=servers,
             interval=config.restart.health_interval,
+            drain=balancer.drain,
+            drain_timeout=balancer.drain_timeout,
         )
 
     def listen_checks(self, mgr: ReleaseManager | None, config: AppConfig) -> dict[str, str]:

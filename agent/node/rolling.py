@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from agent.adapters.balancer import wait_in_service
+from agent.adapters.balancer import drain, set_state, wait_in_service
 from agent.adapters.health import PROBE_TIMEOUT, probe, wait_healthy, wait_listening
 from agent.adapters.supervisor import ProcessInfo, SupervisorClient
 from agent.core.errors import HealthCheckFailed, ProgramDidNotStart, RestartHalted
@@ -158,6 +158,8 @@ async def _wait_up(
             await wait_healthy(url, timeout=max(0.0, deadline - time.monotonic()))
             await _rise(url, plan, deadline)
         if plan.balancer is not None and proc.name not in plan.services:
+            if plan.balancer.drain:
+                await set_state(plan.balancer, [proc.name], "ready")
             await wait_in_service(plan.balancer, proc.name, deadline=deadline)
     except (ProgramDidNotStart, HealthCheckFailed) as exc:
         raise _Unhealthy(proc.name, exc, time.monotonic() - started) from exc
@@ -241,52 +243,80 @@ def _halted(
 async def _roll(
     client: SupervisorClient, plan: RestartPlan, steps: Sequence[Step], urls: Mapping[str, str]
 ) -> list[ProgramRestart]:
-    """One wave at a time (one step each with ``max_unavailable`` 1): its steps stopped,
-    then started, then all waited for; the first wave with a program that does not come
-    up stops the roll."""
+    """One wave at a time (one step each with ``max_unavailable`` 1): its clients drained in
+    the balancer, its steps stopped, then started, then all waited for; the first wave with a
+    program that does not come up stops the roll."""
     done: list[ProgramRestart] = []
     for index, wave in enumerate(waves(plan, steps)):
         if index and plan.restart_delay:
             await asyncio.sleep(plan.restart_delay)
+        drained = await _drain(plan, wave)
         try:
-            for step in wave:
-                await _stop_step(client, step)
-            started = time.monotonic()
-            for step in wave:
-                await _start_step(client, step)
+            done.extend(await _wave(client, plan, wave, urls, done))
+        except BaseException:
+            if drained and plan.balancer is not None:  # back later, it must get requests
+                await asyncio.shield(set_state(plan.balancer, drained, "ready"))
+            raise
+    return done
+
+
+async def _drain(plan: RestartPlan, wave: Sequence[Step]) -> list[str]:
+    """Drain the wave's clients (not its services) in the balancer; the names drained."""
+    if plan.balancer is None or not plan.balancer.drain:
+        return []
+    names = [p.name for step in wave for p in step.programs if p.name not in plan.services]
+    names = [n for n in names if n in plan.balancer.servers]
+    if names:
+        await drain(plan.balancer, names)
+    return names
+
+
+async def _wave(
+    client: SupervisorClient,
+    plan: RestartPlan,
+    wave: Sequence[Step],
+    urls: Mapping[str, str],
+    done: Sequence[ProgramRestart],
+) -> list[ProgramRestart]:
+    """Stop, start and wait for one wave; RestartHalted names what came back before it."""
+    try:
+        for step in wave:
+            await _stop_step(client, step)
+        started = time.monotonic()
+        for step in wave:
+            await _start_step(client, step)
+    except _Unhealthy as exc:
+        raise _halted(exc, done, plan) from exc.cause
+    if len(wave) == 1 and len(wave[0].programs) == 1:
+        step, proc = wave[0], wave[0].programs[0]
+        try:
+            return [
+                await _wait_up(
+                    client, plan, proc, step.action, started=started, url=urls.get(proc.name)
+                )
+            ]
         except _Unhealthy as exc:
             raise _halted(exc, done, plan) from exc.cause
-        if len(wave) == 1 and len(wave[0].programs) == 1:
-            step, proc = wave[0], wave[0].programs[0]
-            try:
-                done.append(
-                    await _wait_up(
-                        client, plan, proc, step.action, started=started, url=urls.get(proc.name)
-                    )
-                )
-            except _Unhealthy as exc:
-                raise _halted(exc, done, plan) from exc.cause
-            continue
-        results = await asyncio.gather(
-            *(
-                _wait_up(client, plan, proc, step.action, started=started, url=urls.get(proc.name))
-                for step in wave
-                for proc in step.programs
-            ),
-            return_exceptions=True,
-        )
-        done.extend(r for r in results if isinstance(r, ProgramRestart))
-        failures = [r for r in results if isinstance(r, _Unhealthy)]
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, _Unhealthy):
-                raise result
-        if failures:
-            # The wave's other failures count as restarted: a rollback restarts them too.
-            others = [f.name for f in failures[1:]]
-            halted = _halted(failures[0], done, plan)
-            halted.restarted = [*halted.restarted, *others]
-            raise halted from failures[0].cause
-    return done
+    results = await asyncio.gather(
+        *(
+            _wait_up(client, plan, proc, step.action, started=started, url=urls.get(proc.name))
+            for step in wave
+            for proc in step.programs
+        ),
+        return_exceptions=True,
+    )
+    ok = [r for r in results if isinstance(r, ProgramRestart)]
+    failures = [r for r in results if isinstance(r, _Unhealthy)]
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, _Unhealthy):
+            raise result
+    if failures:
+        # The wave's other failures count as restarted: a rollback restarts them too.
+        others = [f.name for f in failures[1:]]
+        halted = _halted(failures[0], [*done, *ok], plan)
+        halted.restarted = [*halted.restarted, *others]
+        raise halted from failures[0].cause
+    return ok
 
 
 async def _all_at_once(

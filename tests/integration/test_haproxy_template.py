@@ -3,6 +3,8 @@ HTTP servers (a stand-in for ZEO clients, which answer plain HTTP the same way).
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import http.client
 import signal
 import socket
@@ -20,10 +22,17 @@ import pytest
 import structlog
 from support.components import require_binary
 from support.ports import free_port
-from support.processes import wait_until
+from support.processes import wait_until, wait_until_async
 from support.site import REPO
 
-from agent.adapters.balancer import BalancerGate, server_status, wait_in_service
+from agent.adapters.balancer import (
+    BalancerGate,
+    drain,
+    server_row,
+    server_status,
+    set_state,
+    wait_in_service,
+)
 from agent.adapters.templates import apply_templates, build_context
 from agent.core.config import TemplateConfig
 from agent.core.errors import HealthCheckFailed
@@ -41,6 +50,8 @@ class NamedHandler(BaseHTTPRequestHandler):
     server: NamedServer
 
     def do_GET(self) -> None:
+        if self.path == "/hold":  # a long answer, for draining: until the test releases it
+            self.server.release.wait(timeout=60)
         body = self.server.name.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -58,6 +69,7 @@ class NamedServer(ThreadingHTTPServer):
     def __init__(self, name: str, port: int = 0) -> None:
         super().__init__(("127.0.0.1", port), NamedHandler)
         self.name = name
+        self.release = threading.Event()
         self.stopped = False
         self.thread = threading.Thread(
             target=self.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True
@@ -119,6 +131,7 @@ def backends() -> Iterator[dict[str, NamedServer]]:
     servers = {f"{m}-{c}": NamedServer(f"{m}-{c}") for m in MEMBERS for c in CLIENTS}
     yield servers
     for server in servers.values():
+        server.release.set()
         server.stop()
 
 
@@ -322,3 +335,80 @@ async def test_the_roll_waits_until_haproxy_counts_a_client_up(
 def status_of(csv_page: str, server: str) -> str | None:
     with urllib.request.urlopen(csv_page, timeout=5) as response:
         return server_status(response.read().decode(), "zeo_clients", server)
+
+
+def row_of(csv_page: str, server: str) -> dict[str, str]:
+    """One server's row, read with the test's stats_auth credentials."""
+    request = urllib.request.Request(csv_page)
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"agent:s3cret").decode())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        row = server_row(response.read().decode(), "zeo_clients", server)
+    assert row is not None, server
+    return row
+
+
+async def test_a_client_is_drained_before_it_stops_and_set_ready_again(
+    tmp_path: Path, backends: dict[str, NamedServer], start_haproxy: Any
+) -> None:
+    """restart.balancer.drain through the stats page's admin form (with stats_auth): HAProxy
+    sends a drained client no new request, and drain() returns only once the answer it was
+    sending is done; a refused form is a warning that never shows the password."""
+    port, stats = free_port(), free_port()
+    settings = {
+        **live_settings(port),
+        "stats_bind": f"127.0.0.1:{stats}",
+        "stats_auth": "agent:s3cret",
+    }
+    path = await render(tmp_path, context(backend_ports(backends), settings))
+    proxy = start_haproxy(path, port)
+    page = f"http://agent:s3cret@127.0.0.1:{stats}/"
+    gate = BalancerGate(
+        stats_url=page,
+        backend="zeo_clients",
+        servers={"client1": "web-1-client1"},
+        interval=0.05,
+        drain_timeout=120,  # bounds a hang; the drain ends when the held answer is done
+    )
+    csv_page = f"http://127.0.0.1:{stats}/;csv"
+    wait_until(lambda: row_of(csv_page, "web-1-client1")["status"] == "UP", 30, "never UP")
+    # One long answer per server (round robin), so web-1-client1 is busy answering one.
+    held = [
+        threading.Thread(target=lambda: answers.append(proxy.get("/hold")), daemon=True)
+        for _ in backends
+    ]
+    answers: list[tuple[int, str]] = []
+    for thread in held:
+        thread.start()
+    wait_until(lambda: row_of(csv_page, "web-1-client1")["scur"] == "1", 30, "never busy")
+
+    draining = asyncio.create_task(drain(gate, ["client1"]))
+    await wait_until_async(
+        lambda: row_of(csv_page, "web-1-client1")["status"] == "DRAIN", 30, "never DRAIN"
+    )
+    served = Counter(proxy.get()[1] for _ in range(6))
+    assert "web-1-client1" not in served and sum(served.values()) == 6
+    assert not draining.done()  # still answering the long request
+
+    backends["web-1-client1"].release.set()
+    seconds = await asyncio.wait_for(draining, timeout=120)
+    assert seconds > 0
+    assert row_of(csv_page, "web-1-client1")["scur"] == "0"
+    wait_until(lambda: (200, "web-1-client1") in answers, 30, "the held answer never came")
+
+    assert await set_state(gate, ["client1"], "ready")
+    wait_until(lambda: row_of(csv_page, "web-1-client1")["status"] == "UP", 30, "never ready")
+    assert "web-1-client1" in {proxy.get()[1] for _ in range(8)}
+
+    wrong = BalancerGate(
+        stats_url=f"http://agent:wrong-pass@127.0.0.1:{stats}/",
+        backend="zeo_clients",
+        servers={"client1": "web-1-client1"},
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await drain(wrong, ["client1"]) == 0.0
+    [refused] = [e for e in logs if e["event"] == "restart.balancer_refused"]
+    assert "401" in refused["verdict"] and "wrong-pass" not in str(logs)
+    assert row_of(csv_page, "web-1-client1")["status"] == "UP"
+    for server in backends.values():
+        server.release.set()
+    assert proxy.stop() == 0

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from agent.adapters.balancer import csv_url, in_service, server_status
+from agent.adapters.balancer import (
+    admin_result,
+    busy,
+    csv_url,
+    in_service,
+    page_url,
+    server_row,
+    server_status,
+)
 from agent.core.config import (
     AppConfig,
     BalancerConfig,
@@ -35,9 +43,35 @@ def test_a_servers_status_is_read_from_its_own_backend() -> None:
     assert server_status(CSV, "zeo_clients", "web-3-client1") is None
 
 
+def test_a_server_is_busy_while_it_answers_or_has_requests_queued() -> None:
+    text = CSV.replace("web-1-client1,0,0,0,0", "web-1-client1,2,2,1,1")
+    row = server_row(text, "zeo_clients", "web-1-client1")
+    assert row is not None and busy(row) == 3
+    idle = server_row(CSV, "zeo_clients", "web-1-client2")
+    assert idle is not None and busy(idle) == 0
+    assert busy({"scur": "", "qcur": ""}) == 0  # a BACKEND-like row with empty columns
+
+
+def test_the_admin_forms_verdict_is_read_from_where_haproxy_redirects() -> None:
+    assert admin_result("http://lb:8404/;st=DONE") == "DONE"
+    assert admin_result("http://lb:8404/stats;st=DENY") == "DENY"
+    assert admin_result("http://lb:8404/") == "NO ANSWER"
+    assert page_url("http://lb:8404/stats;csv") == "http://lb:8404/stats"
+    assert page_url("http://lb:8404/") == "http://lb:8404/"
+
+
+def test_draining_is_on_by_default_with_a_bounded_wait() -> None:
+    config = BalancerConfig(stats_url="http://lb:8404/")
+    assert (config.drain, config.drain_timeout) == (True, 30)
+    with pytest.raises(ValidationError):
+        BalancerConfig(stats_url="http://lb:8404/", drain_timeout=-1)
+
+
 def test_up_with_a_failed_check_and_unchecked_servers_are_in_service() -> None:
     assert [in_service(s) for s in ("UP", "UP 1/3", "no check")] == [True, True, True]
-    assert [in_service(s) for s in ("DOWN", "DOWN 1/2", "MAINT", "NOLB", "")] == [False] * 5
+    assert [in_service(s) for s in ("DOWN", "DOWN 1/2", "MAINT", "NOLB", "DRAIN", "")] == [
+        False
+    ] * 6
 
 
 def test_the_csv_export_is_the_stats_page_with_csv_appended() -> None:
@@ -61,6 +95,7 @@ def test_haproxy_names_the_clients_of_this_instance_as_the_shipped_template_does
     gate = restarter.balancer_gate(app, ClientLayout(count=2, base_port=8080))
     assert gate is not None
     assert gate.servers == {"client1": "web-1-client1", "client2": "web-1-client2"}
+    assert (gate.drain, gate.drain_timeout) == (True, 30)
     bad = app.model_copy(
         update={
             "restart": restart.model_copy(
