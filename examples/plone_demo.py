@@ -71,8 +71,17 @@ def agent_config(bare: Path, base_port: int, zeo_port: int) -> Path:
                 },
                 "restart": {
                     "programs": ["zeoserver", "client*"],
-                    "health_url": "http://127.0.0.1:{port}/",
+                    # /Plone from the first deploy: before_restart creates the site.
+                    "health_url": "http://127.0.0.1:{port}/Plone",
                     "health_timeout": 300,
+                },
+                # Once the ZEO server is up, before the clients restart (docs/plone.md).
+                "hooks": {
+                    "before_restart": [
+                        ["bin/client1", "run", "scripts/create_site.py"],
+                        ["bin/client1", "run", "scripts/upgrade.py"],
+                    ],
+                    "timeout": 900,
                 },
             }
         },
@@ -95,11 +104,6 @@ def agent_config(bare: Path, base_port: int, zeo_port: int) -> Path:
         (DEMO / "srv" / APP / "shared").mkdir(parents=True, exist_ok=True)
         (DEMO / "srv" / APP / "shared" / name).symlink_to(target)
     return path
-
-
-def supervisorctl(*args: str) -> None:
-    conf = str(DEMO / "supervisord.conf")
-    subprocess.run([str(BIN / "supervisorctl"), "-c", conf, *args], check=False)
 
 
 def agent(*args: str) -> None:
@@ -136,14 +140,6 @@ def start_haproxy(ports: list[int], bind: int, stats: int) -> str:
     return f"http://127.0.0.1:{bind}"
 
 
-def create_site() -> None:
-    """/Plone, created once with client1 stopped (its ZEO cache is its own)."""
-    current = DEMO / "srv" / APP / "current"
-    supervisorctl("stop", "client1")
-    subprocess.run([str(current / "bin" / "client1"), "run", "scripts/create_site.py"], cwd=current)
-    supervisorctl("start", "client1")
-
-
 def show(url: str, path: str) -> None:
     deadline = time.monotonic() + 300
     while True:
@@ -171,10 +167,10 @@ def main() -> None:
     base_port, zeo_port = free_port(2), free_port(1) + 1
     config = agent_config(bare, base_port, zeo_port)
     start_supervisord(DEMO, SOCKET, f"{DEMO}/srv/*/supervisor.conf")
-    say("1. first deploy: bootstrap, buildout (Plone from PyPI), the programs, ZEO first")
+    say("1. first deploy: bootstrap, buildout (Plone from PyPI), the programs, ZEO first,")
+    say("   then the before_restart hooks (create /Plone, upgrade steps), then the clients")
     agent("deploy", APP)
-    say("2. the site: /Plone created once")
-    create_site()
+    say("2. HAProxy in front of both clients (its stats page lets the agent drain them)")
     stats = free_port(1) + 1
     url = start_haproxy([base_port + 1, base_port + 2], free_port(1) + 1, stats)
     show(url, "/Plone")
@@ -182,10 +178,7 @@ def main() -> None:
     say("3. a configuration change (zodb_cache_size): a new release, clients one by one")
     data = yaml.safe_load(config.read_text())
     data["stack_config"]["plone_instances"]["zodb_cache_size"] = 40000
-    # The site exists now: each restarted client must render it before the next one stops
-    # (its first page is the slow one; docs/plone.md, "Health URL").
-    data["apps"][APP]["restart"]["health_url"] = "http://127.0.0.1:{port}/Plone"
-    # ... and HAProxy must count it UP too (its stats page), whatever its checks take.
+    # Each client drained in HAProxy before it stops, and counted UP there before the next.
     data["apps"][APP]["restart"]["balancer"] = {"stats_url": f"http://127.0.0.1:{stats}/"}
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     agent("deploy", APP)

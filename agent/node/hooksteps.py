@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.adapters.hooks import HookContext, HookName, run_hook
+from agent.adapters.hooks import HookContext, HookName, hook_commands, run_hook
 from agent.adapters.markers import ReleaseInfo
 from agent.adapters.releases import ReleaseManager
 from agent.core.config import AppConfig
@@ -69,6 +69,10 @@ class HookSteps:
             layers=self.command.layers,
         )
         return self.context
+
+    def has(self, hook: HookName, context: HookContext) -> bool:
+        """Whether ``hook`` has anything to run for this release."""
+        return bool(hook_commands(self.command.cfg.hooks, hook, context.release_dir))
 
     async def run(self, hook: HookName, context: HookContext) -> None:
         """Run one hook; a failure raises HookFailed (the caller decides what it undoes)."""

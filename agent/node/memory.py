@@ -53,7 +53,9 @@ class ReleaseMemory:
         report: dict[str, Any] | None = None
         redo: list[str] | None
         try:
-            if context is not None:
+            if context is not None and command.hooks.has("before_restart", context):
+                # The hook may need the database (create the site, run upgrade steps).
+                await command.restarts.services()
                 await command.hooks.run("before_restart", context)
             report = await command.restarts.clients(delay)
             if context is not None:
@@ -117,7 +119,9 @@ class ReleaseMemory:
                 revision=target.sha,
                 release=target.name,
             )
-        command.hooks.context_for("rollback", target.path, sha=target.sha, previous=current)
+        context = command.hooks.context_for(
+            "rollback", target.path, sha=target.sha, previous=current
+        )
         await command.switch(target.path)
         outcome = Outcome.succeeded(
             "rollback",
@@ -126,9 +130,18 @@ class ReleaseMemory:
             revision=target.sha,
             release=target.name,
         )
+        # The same restart hooks as a deploy (DEPLOY_KIND=rollback); a failure marks the
+        # target bad and fails the rollback, which goes no further back on its own.
         try:
+            if command.hooks.has("before_restart", context):
+                await command.restarts.services()
+                await command.hooks.run("before_restart", context)
             report = await command.restarts.clients(None)
+            await command.hooks.run("after_restart", context)
         except RestartHalted as exc:
             await self.mark_bad(target.name, f"the restart halted: {exc}")
+            raise
+        except HookFailed as exc:
+            await self.mark_bad(target.name, exc.args[0])
             raise
         return outcome.with_details(restart=report)

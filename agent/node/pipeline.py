@@ -275,6 +275,9 @@ class _Run:
         )
         if decision == "unchanged":
             assert current is not None
+            stale = await self.restarts.stale()
+            if stale:  # a restart that halted or was cut short: finish it
+                return await self.restarts.finish(sha, current.name, stale, restart_delay)
             return Outcome.unchanged(
                 "deploy",
                 self.app,

@@ -47,9 +47,12 @@ class Restarter(Protocol):
         layout: ClientLayout,
         restart_delay: float,
         only: list[str] | None = None,
+        services_only: bool = False,
     ) -> dict[str, Any]: ...
 
     async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]: ...
+
+    async def stale(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]: ...
 
 
 def write_programs(
@@ -126,7 +129,10 @@ class SupervisorRestarter:
         layout: ClientLayout,
         restart_delay: float,
         only: list[str] | None = None,
+        services_only: bool = False,
     ) -> dict[str, Any]:
+        """The roll; with ``services_only``, just the ZEO server as it must be brought up or
+        restarted (an instance with no clients: the same, its ZEO server is its roll)."""
         client = self.client()
         mgr = self.manager(app, config)
         active = await client.list_processes()
@@ -160,6 +166,7 @@ class SupervisorRestarter:
             services=services,
             listen=self.listen_checks(mgr, config),
             balancer=self.balancer_gate(config, layout),
+            services_only=services_only and layout.count > 0,
         )
         try:
             report = await restart_programs(client, plan)
@@ -280,6 +287,30 @@ class SupervisorRestarter:
         if stopped:
             await self.restart(app=app, config=config, layout=layout, restart_delay=0, only=stopped)
         return stopped
+
+    async def stale(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
+        """The clients that do not run ``current``: not RUNNING, or started from another
+        release (a restart that halted, failed or was cut short). A deploy that finds its
+        release live finishes their restart, so ``unchanged`` means every client runs it.
+        The ZEO server is not one: it keeps its release when what it runs is the same."""
+        mgr = self.manager(app, config)
+        current = mgr.current() if mgr is not None else None
+        if mgr is None or current is None:
+            return []
+        processes = await self.client().list_processes()
+        self.refresh(mgr, processes)
+        record = mgr.recorded_programs()
+        service = config.programs.zeoserver_name
+        stale = []
+        for proc in processes:
+            if proc.name == service or not any(
+                fnmatch.fnmatchcase(proc.name, pattern) for pattern in config.restart.programs
+            ):
+                continue
+            runs = (mgr.release_of_pid(proc.pid) if proc.pid else None) or record.get(proc.name)
+            if proc.statename != "RUNNING" or (runs is not None and runs != current.name):
+                stale.append(proc.name)
+        return stale
 
 
 def _try_record(

@@ -53,6 +53,9 @@ class RestartPlan:
     listen: Mapping[str, str] = field(default_factory=dict)
     #: HAProxy's view, waited for after the health URL (``restart.balancer``).
     balancer: BalancerGate | None = None
+    #: Only the services (the ZEO server brought up or restarted as it must): the phase
+    #: before the ``before_restart`` hook, which may need the database.
+    services_only: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -141,6 +144,9 @@ async def plan_steps(
     removed = [p for p in active if p.group in diff.removed and p.namespec in wanted]
     covered = {p.group for p in matched if p.namespec not in service_specs}
     first = unique(p.group for p in services if p.group in diff.added)
+    if plan.services_only:
+        groups = {p.group for p in services}
+        return [step for step in steps if step.group in groups], [], first
     others = sorted((g for g in diff.added if g not in covered and g not in first), key=natural_key)
     return steps, removed, [*first, *others]
 

@@ -26,7 +26,14 @@ class RestartSteps:
         self.command = command
         self.pipeline = pipeline
 
-    async def clients(self, delay: float | None, only: list[str] | None = None) -> dict[str, Any]:
+    async def services(self) -> dict[str, Any]:
+        """The ZEO server, up (or restarted) as the clients' roll would make it, before a
+        ``before_restart`` hook that needs the database; the roll then leaves it be."""
+        return await self.clients(None, services_only=True)
+
+    async def clients(
+        self, delay: float | None, only: list[str] | None = None, *, services_only: bool = False
+    ) -> dict[str, Any]:
         """The clients' rolling restart (``only`` these programs, when given)."""
         cfg = self.command.cfg
         settings = self.pipeline.settings()
@@ -47,17 +54,22 @@ class RestartSteps:
             delay = cfg.restart.restart_delay
         if delay is None:
             delay = settings.plone_instances.restart_delay
-        await self.command.phase(
-            "restart", "started", f"{cfg.restart.strategy} restart, delay {delay} s"
-        )
+        if services_only:
+            await self.command.phase("restart", "services", "the ZEO server first, as it must")
+        else:
+            await self.command.phase(
+                "restart", "started", f"{cfg.restart.strategy} restart, delay {delay} s"
+            )
         report = await self.pipeline.restarter.restart(
             app=self.command.app,
             config=cfg,
             layout=self.pipeline.layout(settings),
             restart_delay=delay,
             only=only,
+            services_only=services_only,
         )
-        await self.command.phase("restart", "done", "clients restarted", **report)
+        if not services_only:
+            await self.command.phase("restart", "done", "clients restarted", **report)
         return report
 
     async def restart(self, delay: float | None) -> Outcome:
@@ -73,6 +85,34 @@ class RestartSteps:
             release=current.name,
         )
         return outcome.with_details(restart=await self.clients(delay))
+
+    async def stale(self) -> list[str]:
+        """The clients not running the live release (``Restarter.stale``)."""
+        if self.pipeline.restarter is None:
+            return []
+        return await self.pipeline.restarter.stale(
+            app=self.command.app,
+            config=self.command.cfg,
+            layout=self.pipeline.layout(self.pipeline.settings()),
+        )
+
+    async def finish(
+        self, sha: str, release: str, stale: list[str], delay: float | None
+    ) -> Outcome:
+        """The deploy's target is live, but these clients do not run it: restart them."""
+        names = ", ".join(stale)
+        await self.command.phase(
+            "plan", "done", f"{sha[:12]} is live; {names} do not run it: finishing the restart"
+        )
+        report = await self.clients(delay, only=stale)
+        return Outcome.succeeded(
+            "deploy",
+            self.command.app,
+            f"{sha[:12]} was already live in {release}; restarted {names}, which did not run it",
+            decision="unchanged",
+            revision=sha,
+            release=release,
+        ).with_details(restart=report)
 
     async def heal(self) -> Outcome:
         current = self.command.mgr.current()

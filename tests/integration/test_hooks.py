@@ -307,6 +307,39 @@ async def test_rollback_skips_a_bad_release_and_needs_force_onto_one(
     assert forced.status == "succeeded" and current(config) == bad.release
 
 
+async def test_a_rollback_runs_the_restart_hooks_in_the_release_it_puts_back(
+    tmp_path: Path, site_repo: SiteRepo
+) -> None:
+    hooks = record_hooks(tmp_path, "before_switch", "before_restart", "after_restart")
+    config = hooked(tmp_path, site_repo, hooks)
+    _, out = recorder(tmp_path)
+    pipeline = Pipeline(config, facts=FACTS, restarter=recording_restarter(out))
+    first = await pipeline.deploy(APP)
+    site_repo.commit({"VERSION": "2\n"})
+    second = await pipeline.deploy(APP)
+    (out / "seen.jsonl").unlink()
+
+    back = await pipeline.rollback(APP)
+    assert back.status == "succeeded" and back.release == first.release, back.message
+    records = seen(tmp_path)
+    # Nothing is built, so no before_switch; the clients' hooks around their restart.
+    assert [e["hook"] for e in records] == ["before_restart", "restart", "after_restart"]
+    release_dir = config.paths.root / APP / "releases" / str(first.release)
+    for entry in (records[0], records[2]):
+        assert Path(entry["cwd"]) == release_dir and entry["current"] == first.release
+        assert entry["env"]["DEPLOY_KIND"] == "rollback"
+        assert entry["env"]["DEPLOY_PREVIOUS_RELEASE"] == second.release
+
+    # A failing after_restart fails the rollback and marks the release it put back bad.
+    failing = hooked(tmp_path, site_repo, {"after_restart": [fail()]})
+    again = await Pipeline(failing, facts=FACTS, restarter=FakeRestarter()).rollback(
+        APP, to_release=second.release
+    )
+    assert again.status == "failed" and "about to fail" in again.message, again.message
+    rows = {r["name"]: r for r in ReleaseManager.of(config, APP).listing()}
+    assert rows[str(second.release)]["status"] == "bad"
+
+
 async def test_rollback_to_a_revision_lands_on_its_newest_good_release(
     tmp_path: Path, site_repo: SiteRepo
 ) -> None:

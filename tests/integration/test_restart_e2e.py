@@ -14,8 +14,10 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 from support.components import require_binary
 from support.load import Load
 from support.ports import free_port_block
@@ -23,7 +25,7 @@ from support.site import SiteRepo, write_config
 from support.supervisord import Supervisord, running_supervisord
 
 from agent.adapters.host import HostFacts
-from agent.core.config import AgentConfig
+from agent.core.config import AgentConfig, BalancerConfig
 from agent.node.pipeline import Pipeline
 from agent.node.restart import restarter_for
 
@@ -38,7 +40,7 @@ def pipeline(config: AgentConfig) -> Pipeline:
     )
 
 
-def haproxy_config(bind_port: int, ports: list[int]) -> str:
+def haproxy_config(bind_port: int, ports: list[int], stats: int | None = None) -> str:
     servers = "\n".join(
         f"    server client{n} 127.0.0.1:{port} check" for n, port in enumerate(ports, start=1)
     )
@@ -63,15 +65,25 @@ backend clients
     option httpchk GET /health
     default-server inter 500ms fall 1 rise 1
 {servers}
+""" + (
+        f"""
+listen stats
+    bind 127.0.0.1:{stats}
+    stats enable
+    stats uri /
+    stats admin if TRUE
 """
+        if stats
+        else ""
+    )
 
 
 @contextmanager
-def running_haproxy(directory: Path, ports: list[int]) -> Iterator[str]:
+def running_haproxy(directory: Path, ports: list[int], stats: int | None = None) -> Iterator[str]:
     binary = require_binary("haproxy")
     bind = free_port_block(1) + 1
     cfg = directory / "haproxy.cfg"
-    cfg.write_text(haproxy_config(bind, ports))
+    cfg.write_text(haproxy_config(bind, ports, stats))
     subprocess.run([binary, "-c", "-q", "-f", str(cfg)], check=True)
     proc = subprocess.Popen(
         [binary, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -139,12 +151,29 @@ class Capacity:
 
 
 @pytest.fixture
-def site(tmp_path: Path, site_repo: SiteRepo) -> Iterator[tuple[AgentConfig, SiteRepo, Path]]:
+def site_and_supervisord(
+    tmp_path: Path, site_repo: SiteRepo
+) -> Iterator[tuple[AgentConfig, SiteRepo, Path, Supervisord]]:
     require_binary("haproxy")
     include = f"{tmp_path}/srv/{APP}/current/etc/supervisor/*.conf"
     with running_supervisord(tmp_path / "sv", include=[include]) as sv:
         config = write_config(tmp_path, site_repo, clients=CLIENTS, supervisor={"url": sv.url})
-        yield config, site_repo, tmp_path
+        yield config, site_repo, tmp_path, sv
+
+
+@pytest.fixture
+def site(
+    site_and_supervisord: tuple[AgentConfig, SiteRepo, Path, Supervisord],
+) -> tuple[AgentConfig, SiteRepo, Path]:
+    config, repo, tmp_path, _ = site_and_supervisord
+    return config, repo, tmp_path
+
+
+def with_restart(config: AgentConfig, **restart: Any) -> AgentConfig:
+    """The same configuration with these ``apps.<app>.restart`` settings."""
+    app = config.apps[APP]
+    changed = app.model_copy(update={"restart": app.restart.model_copy(update=restart)})
+    return config.model_copy(update={"apps": {APP: changed}})
 
 
 def client_ports(config: AgentConfig) -> list[int]:
@@ -158,33 +187,46 @@ async def test_rolling_restart_behind_haproxy_loses_no_request_and_all_at_once_t
     config, repo, tmp_path = site
     first = await pipeline(config).deploy(APP)
     assert first.status == "succeeded", first.message
-    with running_haproxy(tmp_path, client_ports(config)) as url:
+    stats = free_port_block(1) + 1
+    with running_haproxy(tmp_path, client_ports(config), stats) as url:
+        balancer = BalancerConfig(
+            stats_url=f"http://127.0.0.1:{stats}/", backend="clients", server="{name}"
+        )
+        draining = with_restart(config, balancer=balancer)
         repo.commit({"VERSION": "2\n"})
-        with Load(url) as rolling, Capacity(client_ports(config)) as rolling_capacity:
-            outcome = await pipeline(config).deploy(APP)
+        with (
+            structlog.testing.capture_logs() as logs,
+            Load(url) as rolling,
+            Capacity(client_ports(config)) as rolling_capacity,
+        ):
+            outcome = await pipeline(draining).deploy(APP)
             time.sleep(1)
         assert outcome.status == "succeeded", outcome.message
         restarted = outcome.details["restart"]["programs"]
         assert [p["name"] for p in restarted] == ["client1", "client2", "client3"]
+        # Each client drained in HAProxy, idle, stopped, back, then ready, before the next.
+        balancer_events = [
+            (e["event"], e.get("servers", [e.get("server")])[0])
+            for e in logs
+            if e["event"].startswith(("restart.balancer_", "restart.drained"))
+        ]
+        assert balancer_events == [
+            (event, name)
+            for name in ("client1", "client2", "client3")
+            for event in (
+                "restart.balancer_drain",
+                "restart.drained",
+                "restart.balancer_ready",
+                "restart.balancer_up",
+            )
+        ]
         assert all(p["pid_after"] != p["pid_before"] for p in restarted)
         assert sum(rolling.results.values()) > 0
         assert rolling.failed == 0, rolling.results
         assert rolling_capacity.fewest_up >= 1  # never the whole site down
         assert get(url).split()[1] == "version=2"
 
-        everything = config.model_copy(
-            update={
-                "apps": {
-                    APP: config.apps[APP].model_copy(
-                        update={
-                            "restart": config.apps[APP].restart.model_copy(
-                                update={"strategy": "all"}
-                            )
-                        }
-                    )
-                }
-            }
-        )
+        everything = with_restart(config, strategy="all")
         repo.commit({"VERSION": "3\n"})
         with Load(url) as at_once, Capacity(client_ports(config)) as at_once_capacity:
             outcome = await pipeline(everything).deploy(APP)
@@ -214,12 +256,7 @@ async def test_unhealthy_client_halts_the_roll_and_rollback_restores_the_previou
             ),
         }
     )
-    settings = config.apps[APP].restart.model_copy(
-        update={"on_failure": "rollback", "health_timeout": 8}
-    )
-    rolling_back = config.model_copy(
-        update={"apps": {APP: config.apps[APP].model_copy(update={"restart": settings})}}
-    )
+    rolling_back = with_restart(config, on_failure="rollback", health_timeout=8)
     outcome = await pipeline(rolling_back).deploy(APP)
     assert outcome.status == "failed" and outcome.error == "restart-halted"
     assert "client1" in outcome.message and "rolled back" in outcome.message
@@ -239,10 +276,7 @@ async def test_halt_without_rollback_leaves_the_rest_serving_the_old_code(site):
     repo.commit(
         {"src/zeosite/zeosite/app.py": app_py.read_text().replace("if healthy(db):", "if False:")}
     )
-    settings = config.apps[APP].restart.model_copy(update={"health_timeout": 8})
-    halting = config.model_copy(
-        update={"apps": {APP: config.apps[APP].model_copy(update={"restart": settings})}}
-    )
+    halting = with_restart(config, health_timeout=8)
     outcome = await pipeline(halting).deploy(APP)
     assert outcome.status == "failed" and outcome.error == "restart-halted"
     assert "client1" in outcome.message
@@ -349,3 +383,36 @@ async def test_generated_programs_from_an_empty_supervisord_and_a_zeo_server_kep
         assert supervisor_pids(sv)["zeoserver"] != server_pid
         assert get(f"http://127.0.0.1:{base + 1}/health")
         assert first.release not in {p.name for p in (app / "releases").iterdir()}
+
+
+async def test_a_deploy_of_the_live_revision_finishes_a_restart_left_unfinished(
+    site_and_supervisord,
+):
+    """A roll that halted or was cut short leaves clients stopped or on the old release;
+    the next deploy of the live revision restarts exactly those, so that `unchanged`
+    always means every client runs `current`."""
+    config, repo, _, sv = site_and_supervisord
+    ports = client_ports(config)
+    assert (await pipeline(config).deploy(APP)).status == "succeeded"
+    repo.commit({"VERSION": "2\n"})
+    # Cut short after client1: client2 and client3 still run the first release ...
+    partial = await pipeline(with_restart(config, programs=["client1"])).deploy(APP)
+    assert partial.status == "succeeded", partial.message
+    assert [get(f"http://127.0.0.1:{p}/").split()[1] for p in ports] == [
+        "version=2",
+        "version=1",
+        "version=1",
+    ]
+    sv.call("stopProcess", "client3")  # ... and client3 was stopped when it ended.
+    client1_pid = get(f"http://127.0.0.1:{ports[0]}/").split()[3]
+
+    finished = await pipeline(config).deploy(APP)
+    assert finished.status == "succeeded" and finished.decision == "unchanged", finished.message
+    assert finished.release == partial.release
+    assert "restarted client2, client3" in finished.message
+    assert [p["name"] for p in finished.details["restart"]["programs"]] == ["client2", "client3"]
+    assert {get(f"http://127.0.0.1:{p}/").split()[1] for p in ports} == {"version=2"}
+    assert get(f"http://127.0.0.1:{ports[0]}/").split()[3] == client1_pid  # left alone
+
+    again = await pipeline(config).deploy(APP)
+    assert again.status == "unchanged", again.message

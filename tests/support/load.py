@@ -53,8 +53,3 @@ class Load:
     @property
     def failed(self) -> int:
         return sum(n for outcome, n in self.results.items() if outcome != "ok")
-
-    @property
-    def cut_off(self) -> int:
-        """Answers that began and were cut off mid-body."""
-        return self.results.get("IncompleteRead", 0)

@@ -44,7 +44,10 @@ class FakeRestarter:
         layout: ClientLayout,
         restart_delay: float,
         only: list[str] | None = None,
+        services_only: bool = False,
     ) -> dict[str, Any]:
+        if services_only:  # no ZEO server behind the fake
+            return {"programs": [], "services_only": True}
         self.calls.append(only)
         if self.on_restart is not None:
             self.on_restart(only)
@@ -62,6 +65,9 @@ class FakeRestarter:
         return {"programs": [{"name": n} for n in names]}
 
     async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
+        return []
+
+    async def stale(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
         return []
 
 
