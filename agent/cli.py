@@ -24,6 +24,7 @@ from agent.adapters.log import configure_logging
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, BrokerUnreachable, ConfigError
 from agent.core.exits import DEFAULT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from agent.operator.display import render_releases
 
 if TYPE_CHECKING:  # imported lazily: `config check` should not pay for GitPython
     from agent.node.pipeline import Pipeline
@@ -110,13 +111,13 @@ def cmd_restart(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
-RELEASE_COLUMNS = ("name", "revision", "created", "decision", "status", "reason")
-
-
 def cmd_releases(args: argparse.Namespace) -> int:
-    """The releases of an app on this host, oldest first; ``*`` marks ``current``."""
+    """The releases of an app, oldest first; ``*`` marks ``current``. With --local, this
+    host's; otherwise every instance's, as their presences on the broker list them."""
     if not args.local:
-        raise ConfigError("`deploy-agent releases` lists this host's releases: add --local")
+        from agent.operator.commands import remote_releases
+
+        return remote_releases(args)
     from agent.adapters.releases import ReleaseManager
 
     config = load_config(config_path(args))
@@ -124,15 +125,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return EXIT_OK
-    table = [
-        [("* " if row["current"] else "  ") + row["name"], row["revision"][:12]]
-        + [str(row[key]).splitlines()[0] if row[key] else "" for key in RELEASE_COLUMNS[2:]]
-        for row in rows
-    ]
-    header = ["  name", *RELEASE_COLUMNS[1:]]
-    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
-    for line in [header, *table]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print(render_releases(rows))
     return EXIT_OK
 
 
@@ -270,9 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="release name, or a revision (sha, tag, branch: its newest good release); "
         "default: the newest good release before current",
     )
-    rollback.add_argument(
-        "--force", action="store_true", help="allow --to a release marked bad (--local only)"
-    )
+    rollback.add_argument("--force", action="store_true", help="allow --to a release marked bad")
     rollback.add_argument("--local", action="store_true")
     rollback.add_argument("--wait", action="store_true")
     add_rollout_options(rollback)
@@ -292,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(restart)
     restart.set_defaults(func=cmd_restart)
 
-    releases = sub.add_parser("releases", help="list an app's releases on this host")
+    releases = sub.add_parser("releases", help="list an app's releases, per instance")
     releases.add_argument("app")
     releases.add_argument("--local", action="store_true", help="this host's releases")
     add_common(releases)

@@ -25,6 +25,7 @@ from agent.protocol import (
     Event,
     Presence,
     PresenceState,
+    ReleaseRow,
     StatusRecord,
 )
 
@@ -45,7 +46,33 @@ def app_presence(config: AgentConfig, app: str) -> AppPresence | None:
         built = datetime.fromisoformat(current.built_at)
     except ValueError:
         built = None
-    return AppPresence(release=current.name, revision=current.sha, deployed_at=built)
+    return AppPresence(
+        release=current.name, revision=current.sha, deployed_at=built, releases=release_rows(mgr)
+    )
+
+
+def release_rows(mgr: ReleaseManager) -> list[ReleaseRow]:
+    """The releases on this host for the operator's ``deploy-agent releases`` (the newest
+    20), each reason cut to its first line."""
+    rows = []
+    try:
+        listing = mgr.listing()[-20:]
+    except (AgentError, OSError):
+        return []
+    for row in listing:
+        reason = str(row["reason"]).splitlines()[0] if row["reason"] else ""
+        rows.append(
+            ReleaseRow(
+                name=row["name"],
+                revision=str(row["revision"])[:64],
+                created=str(row["created"])[:64],
+                decision=str(row["decision"])[:64],
+                status=str(row["status"])[:32],
+                reason=reason[:300],
+                current=bool(row["current"]),
+            )
+        )
+    return rows
 
 
 def live_release(config: AgentConfig, app: str | None) -> str | None:

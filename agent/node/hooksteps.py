@@ -79,7 +79,7 @@ class HookSteps:
         steps = await run_hook(self.command.cfg.hooks, hook, context)
         if steps:
             await self.command.phase(
-                f"hook:{hook}", "done", f"{hook}: {len(steps)} command(s) succeeded"
+                f"hook.{hook}", "done", f"{hook}: {len(steps)} command(s) succeeded"
             )
 
     async def on_failure(self, kind: str, outcome: Outcome) -> Outcome:
@@ -127,6 +127,6 @@ class HookSteps:
             )
         if steps:
             await self.command.phase(
-                "hook:on_failure", "done", f"on_failure: {len(steps)} command(s) ran"
+                "hook.on_failure", "done", f"on_failure: {len(steps)} command(s) ran"
             )
         return outcome

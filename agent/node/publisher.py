@@ -8,11 +8,16 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import structlog
+from pydantic import ValidationError
+
 from agent.adapters.mqtt import MqttSession, Outgoing
 from agent.core.config import AgentConfig
 from agent.core.outcome import Outcome
 from agent.node import announce
 from agent.protocol import Command, Presence, StatusRecord, Topics, encode
+
+log = structlog.get_logger(__name__)
 
 
 class Publisher:
@@ -33,8 +38,13 @@ class Publisher:
         return Outgoing(self.own_topic, encode(announce.offline(self.config)), qos=1, retain=True)
 
     def event(self, command: Command | None, **fields: Any) -> None:
-        """A progress event (or a rejection): sent when the broker is reachable."""
-        event = announce.event(self.config, command, **fields)
+        """A progress event (or a rejection): sent when the broker is reachable. One the
+        protocol cannot carry is logged and dropped: progress never fails a command."""
+        try:
+            event = announce.event(self.config, command, **fields)
+        except ValidationError as exc:
+            log.error("event.invalid", phase=fields.get("phase"), error=str(exc)[:500])
+            return
         self.session.publish(Outgoing(self.topics.events(self.config.instance.id), encode(event)))
 
     def result(self, command: Command | None, **fields: Any) -> Outgoing:

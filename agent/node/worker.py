@@ -218,7 +218,12 @@ class Worker:
             ]
         if command.kind == "rollback":
             return [
-                await pipe.rollback(command.app, to_release=command.to_release, progress=progress)
+                await pipe.rollback(
+                    command.app,
+                    to_release=command.to_release,
+                    force=bool(command.force),
+                    progress=progress,
+                )
             ]
         return [
             await pipe.restart(command.app, restart_delay=command.restart_delay, progress=progress)

@@ -38,7 +38,9 @@ from agent.operator.config import (
 )
 from agent.operator.display import (
     LogFilter,
+    clean,
     render_log,
+    render_releases,
     render_status,
     render_summary,
 )
@@ -104,7 +106,10 @@ def rollout_from_args(kind: CommandKind, args: argparse.Namespace) -> Rollout:
     elif kind == "restart":
         fields = {"restart_delay": getattr(args, "restart_delay", None)}
     else:
-        fields = {"to_release": getattr(args, "to", None)}
+        fields = {
+            "to_release": getattr(args, "to", None),
+            "force": getattr(args, "force", False) or None,
+        }
     return Rollout(
         kind=kind,
         app=args.app,
@@ -272,6 +277,28 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"deploy-agent: no instance has announced itself on stack {config.stack}",
             file=sys.stderr,
         )
+        return EXIT_NO_INSTANCE
+    return EXIT_OK
+
+
+def remote_releases(args: argparse.Namespace) -> int:
+    """``releases APP`` without --local: each instance's releases of the app, from the
+    presences (an agent announces them after every command)."""
+    config = operator_config(args)
+    presences, _ = asyncio.run(read_fleet(config))
+    found = {
+        instance: [row.model_dump(mode="json") for row in presence.apps[args.app].releases]
+        for instance, presence in sorted(presences.items())
+        if args.app in presence.apps
+    }
+    if args.json:
+        print(json.dumps({"app": args.app, "instances": found}, indent=2, sort_keys=True))
+    else:
+        for instance, rows in found.items():
+            state = presences[instance].state
+            print(f"{clean(instance, 64)} ({clean(state, 16)})\n{render_releases(rows)}\n")
+    if not found:
+        print(f"deploy-agent: no instance of stack {config.stack} runs {args.app}", file=sys.stderr)
         return EXIT_NO_INSTANCE
     return EXIT_OK
 

@@ -209,3 +209,23 @@ def render_log(instance: str, event: Mapping[str, Any], *, color: bool) -> str:
         )
         if p
     )
+
+
+RELEASE_COLUMNS = ("name", "revision", "created", "decision", "status", "reason")
+
+
+def render_releases(rows: Sequence[Mapping[str, Any]]) -> str:
+    """An app's releases as ``deploy-agent releases`` prints them, oldest first; ``*``
+    marks ``current``. Every cell is cleaned: over the broker, rows come from presences."""
+    table = [
+        [("* " if row.get("current") else "  ") + clean(row.get("name", ""), 64)]
+        + [clean(str(row.get("revision") or ""), 12)]
+        + [clean(row.get(key) or "", 120) for key in RELEASE_COLUMNS[2:]]
+        for row in rows
+    ]
+    header = ["  name", *RELEASE_COLUMNS[1:]]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *table]
+    )

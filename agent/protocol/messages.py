@@ -84,6 +84,8 @@ class Command(_Message):
     app: Name | None = None
     revision: Revision | None = None
     to_release: Name | None = None
+    #: Rollback only: allow ``to_release`` to be a release marked bad.
+    force: bool | None = None
     targets: list[Name] | None = Field(default=None, min_length=1, max_length=1000)
     restart_delay: float | None = Field(default=None, ge=0, le=3600)
     always_buildout: bool | None = None
@@ -97,7 +99,12 @@ class Command(_Message):
     def _fields_fit_kind(self) -> Command:
         if self.kind != "configure" and self.app is None:
             raise ValueError(f"app is required for a {self.kind} command")
-        only = {"revision": "deploy", "always_buildout": "deploy", "to_release": "rollback"}
+        only = {
+            "revision": "deploy",
+            "always_buildout": "deploy",
+            "to_release": "rollback",
+            "force": "rollback",
+        }
         for field, kind in only.items():
             if getattr(self, field) is not None and self.kind != kind:
                 raise ValueError(f"{field} is only valid in a {kind} command")
@@ -123,12 +130,27 @@ class Event(_Message):
     at: UtcDatetime
 
 
+class ReleaseRow(_Message):
+    """One release directory of an app on an instance, as ``deploy-agent releases`` lists it."""
+
+    name: Name
+    revision: str = Field(default="", max_length=64)
+    created: str = Field(default="", max_length=64)
+    decision: str = Field(default="", max_length=64)
+    status: str = Field(default="", max_length=32)
+    #: Why it failed or was marked bad: its first line, cut to 300 characters.
+    reason: str = Field(default="", max_length=300)
+    current: bool = False
+
+
 class AppPresence(_Message):
-    """What runs live for one app on an instance."""
+    """What runs live for one app on an instance, and the releases it keeps."""
 
     release: Name | None = None
     revision: Revision | None = None
     deployed_at: UtcDatetime | None = None
+    #: The newest ones (20 at most are sent, so a presence stays far below 64 KiB).
+    releases: list[ReleaseRow] = Field(default_factory=list, max_length=50)
 
 
 class ClientInfo(_Message):

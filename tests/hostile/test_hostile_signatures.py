@@ -86,6 +86,7 @@ CHANGES: dict[str, Any] = {
     "app": "frontend",
     "revision": "other",
     "to_release": "20240501120000",
+    "force": True,
     "targets": ["plone_instances"],
     "restart_delay": 2.0,
     "always_buildout": True,

@@ -20,10 +20,10 @@ from support.seams import APP, FACTS, FakeRestarter, configured, current
 from support.site import SiteRepo
 
 from agent.adapters.releases import ReleaseManager
-from agent.cli import RELEASE_COLUMNS
 from agent.core.config import AgentConfig
 from agent.core.errors import ReleaseError
 from agent.node.pipeline import Pipeline
+from agent.operator.display import RELEASE_COLUMNS
 
 RECORDER = """\
 import json, os, sys

@@ -16,6 +16,7 @@ import yaml
 from support.agents import APP, AgentProcess, Operator, events, running_agents
 from support.broker import Collector
 from support.cli import cli_env, run_cli
+from support.processes import wait_until
 from support.site import SiteRepo
 
 pytestmark = pytest.mark.slow
@@ -162,3 +163,48 @@ def test_config_push_reconfigures_the_agents(tmp_path, broker, operator, site_re
         while "zodb-cache-size = 1234" not in cfg.read_text():
             assert datetime.now(UTC).timestamp() < deadline, cfg.read_text()
             time.sleep(0.5)
+
+
+def test_releases_per_instance_and_a_forced_rollback_onto_a_bad_release_over_the_broker(
+    tmp_path, broker, operator, site_repo
+):
+    """`releases APP` lists each instance's releases (from its presence: status, reason);
+    `rollback --to` a bad release is refused over the broker, and done with --force."""
+    fails_on_2 = (
+        "import os, sys; sys.exit(os.environ['DEPLOY_KIND'] == 'deploy'"
+        " and open('VERSION').read().strip() == '2')"
+    )
+    hooks = {"apps.zeo-site.hooks": {"after_restart": [[sys.executable, "-c", fails_on_2]]}}
+    with running_agents(*fleet(tmp_path, broker, site_repo, operator, **hooks)):
+        assert cli(broker, operator.key_path, "deploy", APP, "--wait").returncode == 0
+        site_repo.commit({"VERSION": "2\n"})
+        second = cli(broker, operator.key_path, "deploy", APP, "--wait", "--json")
+        assert second.returncode == 1, second.stdout + second.stderr  # web-2's hook failed
+
+        def listed() -> dict | None:
+            done = cli(broker, operator.key_path, "releases", APP, "--json")
+            assert done.returncode == 0, done.stderr
+            instances = json.loads(done.stdout)["instances"]
+            web2 = instances.get("web-2", [])
+            return instances if len(web2) == 2 and web2[1]["status"] == "bad" else None
+
+        instances = wait_until(listed, 60, "web-2's presence never listed its bad release")
+        assert [r["status"] for r in instances["web-1"]] == ["complete", "complete"]
+        good, bad = instances["web-2"]
+        assert good["status"] == "complete" and not good["current"]
+        assert bad["current"] and "after_restart" in bad["reason"]
+        assert bad["revision"] == site_repo.head()
+        table = cli(broker, operator.key_path, "releases", APP).stdout
+        assert "web-2 (online)" in table and "* " + bad["name"] in table
+
+        web2 = ("--targets", "web-2", "--wait", "--json")
+        back = cli(broker, operator.key_path, "rollback", APP, *web2)
+        assert back.returncode == 0, back.stdout + back.stderr
+        refused = cli(broker, operator.key_path, "rollback", APP, "--to", bad["name"], *web2)
+        assert refused.returncode == 1 and "--force" in refused.stdout, refused.stdout
+        forced = cli(
+            broker, operator.key_path, "rollback", APP, "--to", bad["name"], "--force", *web2
+        )
+        assert forced.returncode == 0, forced.stdout + forced.stderr
+        [result] = json.loads(forced.stdout)["results"]
+        assert result["instance"] == "web-2" and result["release"] == bad["name"]

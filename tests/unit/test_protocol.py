@@ -298,6 +298,8 @@ def test_the_depth_scan_agrees_with_the_real_nesting_of_any_json(
         ({"app": None}, "app is required for a deploy command"),
         ({"kind": "rollback"}, "revision is only valid in a deploy command"),
         ({"to_release": "20240501T120000Z"}, "to_release is only valid in a rollback command"),
+        ({"force": True}, "force is only valid in a rollback command"),
+        ({"kind": "rollback", "revision": None, "force": "yes"}, "force: "),
         ({"kind": "restart", "revision": None, "always_buildout": True}, "always_buildout is only"),
     ],
 )
@@ -454,6 +456,7 @@ TAMPERED = {
     "app": "othersite",
     "revision": "evil",
     "to_release": "20240101T000000Z",
+    "force": True,
     "targets": ["web-9"],
     "restart_delay": 0.0,
     "always_buildout": True,
