@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -416,3 +417,57 @@ async def test_a_deploy_of_the_live_revision_finishes_a_restart_left_unfinished(
 
     again = await pipeline(config).deploy(APP)
     assert again.status == "unchanged", again.message
+
+
+PROBE = """\
+import json, os, socket, sys, urllib.request
+hook, out, zeo, ports = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+def answer(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            return r.read().decode().split()[1]
+    except OSError:
+        return None
+host, _, port = zeo.rpartition(":")
+try:
+    socket.create_connection((host, int(port)), timeout=5).close()
+    zeo_up = True
+except OSError:
+    zeo_up = False
+seen = {"hook": hook, "kind": os.environ["DEPLOY_KIND"], "zeo_up": zeo_up,
+        "clients": [answer(p) for p in ports]}
+with open(out, "a") as f:
+    f.write(json.dumps(seen) + "\\n")
+"""
+
+
+async def test_hooks_see_the_zeo_server_up_before_and_every_client_new_after_the_roll(
+    site_and_supervisord,
+):
+    """Real supervisord and buildout: before_restart runs once the ZEO server listens and
+    before any client runs the new code (on a first deploy: before any client runs);
+    after_restart once every client serves the new release."""
+    config, repo, tmp_path, _ = site_and_supervisord
+    probe, out = tmp_path / "probe.py", tmp_path / "seen.jsonl"
+    probe.write_text(PROBE)
+    zeo = config.stack_config["plone_instances"]["zeo"]["address"]
+    argv = [str(probe), str(out), zeo, *map(str, client_ports(config))]
+    app = config.apps[APP]
+    hooks = app.hooks.model_copy(
+        update={
+            "before_restart": [[sys.executable, str(probe), "before_restart", *argv[1:]]],
+            "after_restart": [[sys.executable, str(probe), "after_restart", *argv[1:]]],
+        }
+    )
+    hooked = config.model_copy(update={"apps": {APP: app.model_copy(update={"hooks": hooks})}})
+
+    assert (await pipeline(hooked).deploy(APP)).status == "succeeded"
+    repo.commit({"VERSION": "2\n"})
+    assert (await pipeline(hooked).deploy(APP)).status == "succeeded"
+    seen = [json.loads(line) for line in out.read_text().splitlines()]
+    assert seen == [
+        {"hook": "before_restart", "kind": "deploy", "zeo_up": True, "clients": [None] * 3},
+        {"hook": "after_restart", "kind": "deploy", "zeo_up": True, "clients": ["version=1"] * 3},
+        {"hook": "before_restart", "kind": "deploy", "zeo_up": True, "clients": ["version=1"] * 3},
+        {"hook": "after_restart", "kind": "deploy", "zeo_up": True, "clients": ["version=2"] * 3},
+    ]
