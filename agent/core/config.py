@@ -21,6 +21,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from agent.core.errors import ConfigError
@@ -272,6 +273,22 @@ class AgentConfig(Model):
     shutdown_probe: Argv | None = Field(default_factory=lambda: ["systemctl", "is-system-running"])
     #: A new or rebuilt instance deploys its apps when it starts, as OpsWorks' setup did.
     first_deploy: bool = True
+
+    @model_validator(mode="after")
+    def _one_app_generates_programs(self) -> AgentConfig:
+        """Generated programs are named ``client<n>`` and ``zeoserver`` for every app, and
+        supervisord keeps one program of a name: two apps generating them on one instance
+        would silently replace each other's."""
+        generating = sorted(
+            name for name, app in self.apps.items() if app.programs.generate and self.carries(name)
+        )
+        if len(generating) > 1:
+            raise ValueError(
+                f"apps {', '.join(generating)} all generate supervisord programs on this "
+                "instance (client1, zeoserver...: the same names): set programs.generate: "
+                "false for all but one and have their buildouts write programs of their own"
+            )
+        return self
 
     def app(self, name: str) -> AppConfig:
         """The app called ``name``; a clear error naming the known ones otherwise."""

@@ -85,3 +85,19 @@ def test_unknown_app_names_the_configured_ones():
     config = parse_config({"stack": "s", "apps": {"a": {"repository": "/r"}}})
     with pytest.raises(ConfigError, match=r"unknown app 'b' .*configured apps: a"):
         config.app("b")
+
+
+def test_two_apps_generating_programs_on_one_instance_are_refused():
+    """Both would write [program:client1]: supervisord keeps one, silently."""
+    two = {
+        "stack": "s",
+        "instance": {"layers": ["plone_instances"]},
+        "apps": {"a": {"repository": "/r"}, "b": {"repository": "/r"}},
+    }
+    with pytest.raises(ConfigError, match="apps a, b all generate supervisord programs"):
+        parse_config(two)
+    two["apps"]["b"]["programs"] = {"generate": False}
+    assert set(parse_config(two).apps) == {"a", "b"}
+    # An app of a layer this instance does not carry writes nothing here.
+    two["apps"]["b"] = {"repository": "/r", "layers": ["frontend"]}
+    assert set(parse_config(two).apps) == {"a", "b"}
