@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 import structlog
+from support.cli import cli_argv, cli_env, run_cli
 from support.components import require_binary
 from support.load import Load
 from support.ports import free_port_block
+from support.processes import wait_until
 from support.site import SiteRepo, write_config
 from support.supervisord import Supervisord, running_supervisord
 
@@ -471,3 +473,48 @@ async def test_hooks_see_the_zeo_server_up_before_and_every_client_new_after_the
         {"hook": "before_restart", "kind": "deploy", "zeo_up": True, "clients": ["version=1"] * 3},
         {"hook": "after_restart", "kind": "deploy", "zeo_up": True, "clients": ["version=2"] * 3},
     ]
+
+
+def answer_of(port: int) -> list[str] | None:
+    """``zeosite version=N client=... pid=P ...`` split, or None while it does not answer."""
+    try:
+        return get(f"http://127.0.0.1:{port}/").split()
+    except OSError:
+        return None
+
+
+async def test_a_deploy_killed_mid_roll_is_finished_by_the_next_deploy(site_and_supervisord):
+    """`deploy --local` SIGKILLed after its switch and its first client: the next deploy
+    finds its release live and restarts the clients that do not run it yet."""
+    config, repo, tmp_path, _ = site_and_supervisord
+    cfg = str(tmp_path / "agent.yaml")
+    ports = client_ports(config)
+    assert run_cli("deploy", APP, "--local", "-c", cfg, timeout=300).returncode == 0
+    repo.commit({"VERSION": "2\n"})
+    # A long restart_delay: the roll waits after client1, and is killed while it waits.
+    agent = subprocess.Popen(
+        cli_argv("deploy", APP, "--local", "--restart-delay", "600", "-c", cfg),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: (answer_of(ports[0]) or [""])[1:2] == ["version=2"] or agent.poll() is not None,
+            300,
+            "client1 never served the new release",
+        )
+        assert agent.poll() is None, "the deploy ended before it could be killed"
+    finally:
+        agent.kill()
+        agent.wait(timeout=30)
+    assert [(answer_of(p) or ["", "down"])[1] for p in ports] == [
+        "version=2",
+        "version=1",
+        "version=1",
+    ]
+    finished = run_cli("deploy", APP, "--local", "--json", "-c", cfg, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    outcome = finished.json()
+    assert outcome["decision"] == "unchanged" and "restarted client2, client3" in outcome["message"]
+    assert {(answer_of(p) or ["", "down"])[1] for p in ports} == {"version=2"}
