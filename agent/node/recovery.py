@@ -90,17 +90,16 @@ def interrupted(
 
 
 def repair(config: AgentConfig, app: str | None, release_before: str | None) -> Work | None:
-    """After a crash mid-command, the clients must run what ``current`` holds: if
-    ``current`` moved, finish the roll (a rolling restart of every client); if not, start
-    again whatever the crash left stopped."""
+    """After a crash mid-command, the clients must run what ``current`` holds: start again
+    whatever the crash left stopped and, if ``current`` moved, restart the clients that
+    still run the release before (the ones the roll had not reached). Clients already on
+    ``current`` keep serving: the site never feels more of the agent's crash than that."""
     if app is None or config.supervisor is None or not config.carries(app):
         return None
     moved = live_release(config, app) != release_before
     reason = "current moved: finish the rolling restart" if moved else "restart stopped clients"
     log.warning("journal.repair", app=app, reason=reason)
-    return Work(
-        "restart" if moved else "heal", None, reason, app=app, journal_id=f"repair-{uuid.uuid4()}"
-    )
+    return Work("heal", None, reason, app=app, journal_id=f"repair-{uuid.uuid4()}")
 
 
 def first_deploys(config: AgentConfig, presences: Iterable[Presence]) -> list[Work]:

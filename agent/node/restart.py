@@ -274,7 +274,9 @@ class SupervisorRestarter:
         _try_record(mgr, dict.fromkeys(started, current.name), removed or ())
 
     async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
-        """Start, health-gated, the app's programs that are not RUNNING; their names."""
+        """Start, health-gated, the app's programs that are not RUNNING, and restart the
+        clients still on another release than ``current`` (a roll cut short); their names.
+        Clients already on ``current`` are left alone."""
         client = self.client()
         processes = await client.list_processes()
         patterns = [*config.restart.programs, config.programs.zeoserver_name]
@@ -284,9 +286,11 @@ class SupervisorRestarter:
             if any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns)
             and p.statename != "RUNNING"
         ]
-        if stopped:
-            await self.restart(app=app, config=config, layout=layout, restart_delay=0, only=stopped)
-        return stopped
+        behind = await self.stale(app=app, config=config, layout=layout)
+        todo = [*stopped, *(name for name in behind if name not in stopped)]
+        if todo:
+            await self.restart(app=app, config=config, layout=layout, restart_delay=0, only=todo)
+        return todo
 
     async def stale(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
         """The clients that do not run ``current``: not RUNNING, or started from another

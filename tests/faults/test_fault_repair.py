@@ -1,7 +1,8 @@
 """A crash in the roll, then another in the repair roll: the repair is journaled before the
 interrupted command is finished, so the third start repairs again, and every client ends
-on ``current``'s code. Kills land right after a logged event (a client restarted), never
-after a wall-clock delay.
+on ``current``'s code. The repair restarts only the clients the roll had not reached: the
+one already on ``current`` keeps its process throughout. Kills land right after a logged
+event (a client restarted), never after a wall-clock delay.
 """
 
 from __future__ import annotations
@@ -22,13 +23,19 @@ from support.tally import FaultTally, Precious
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def served(port: int) -> str | None:
-    """The version a client serves, or None while it does not answer."""
+def answer(port: int) -> list[str]:
+    """``zeosite version=N client=... pid=P ...`` split; empty while it does not answer."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
-            return response.read().decode().split()[1]
+            return response.read().decode().split()
     except OSError:
-        return None
+        return []
+
+
+def served(port: int) -> str | None:
+    """The version a client serves, or None while it does not answer."""
+    words = answer(port)
+    return words[1] if len(words) > 1 else None
 
 
 def test_a_kill_in_the_roll_then_in_the_repair_ends_with_every_client_on_current(
@@ -50,7 +57,7 @@ def test_a_kill_in_the_roll_then_in_the_repair_ends_with_every_client_on_current
             repo=site_repo,
             operator=operator,
             layers=["plone_instances", "zeoserver"],
-            clients=2,
+            clients=3,
             supervisor={"url": sv.url},
         )
         app = app_dir(agent)
@@ -63,7 +70,7 @@ def test_a_kill_in_the_roll_then_in_the_repair_ends_with_every_client_on_current
             precious = Precious.write(app)
             settings = yaml.safe_load(agent.config_path.read_text())["stack_config"]
             base = settings["plone_instances"]["base_port"]
-            ports = [base + 1, base + 2]
+            ports = [base + 1, base + 2, base + 3]
             site_repo.commit({"VERSION": "2\n"})
             tally.tried += 1
             # 1. Killed in the roll, right after client1 came back on the new code.
@@ -74,10 +81,13 @@ def test_a_kill_in_the_roll_then_in_the_repair_ends_with_every_client_on_current
             )
             agent.kill_tree()
             tally.check(app, precious, None)
-            # 2. Started again: the repair (finish the roll) runs; killed after its first client.
+            client1 = answer(ports[0])
+            assert client1[1:2] == ["version=2"], client1
+            # 2. Started again: the repair (finish the roll) runs; killed after its first
+            # client, which is client2: client1 runs current already.
             agent.start()
             agent.follow().wait_for("journal.repair", 60)
-            agent.follow().wait_for("restart.program", 120, program="client1")
+            agent.follow().wait_for("restart.program", 120, program="client2")
             agent.kill_tree()
             tally.check(app, precious, None)
             # 3. Started again: the repair was journaled, so it runs again, to its end.
@@ -89,6 +99,7 @@ def test_a_kill_in_the_roll_then_in_the_repair_ends_with_every_client_on_current
                 lambda: f"clients serve {[served(p) for p in ports]}, current is version 2",
             )
             assert (app / "current" / "VERSION").read_text() == "2\n"
+            assert answer(ports[0])[:4] == client1[:4]  # the same pid: never restarted again
             wait_until(
                 lambda: not list((agent.directory / "state" / "journal").glob("repair-*")),
                 60,

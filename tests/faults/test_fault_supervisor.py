@@ -89,9 +89,15 @@ def test_supervisord_down_mid_deploy_fails_clearly_and_the_next_deploy_succeeds_
             assert live != old and (app / "current" / "VERSION").read_text() == "2\n"
             tally.check(app, precious, agent)
 
-            still = operator.command("deploy")  # the agent keeps serving meanwhile
+            # The agent keeps serving meanwhile. Its release is live, but whether the
+            # clients run it cannot be told without supervisord: not "unchanged", which
+            # means they do, but a clear failure.
+            still = operator.command("deploy")
             operator.send(still)
-            assert wait_results(seen, still, {"web-1"})["web-1"].status == "unchanged"
+            meanwhile = wait_results(seen, still, {"web-1"})["web-1"]
+            assert meanwhile.status == "failed", meanwhile.message
+            assert meanwhile.details["error"] == "supervisor-error"
+            assert "supervisord not reachable" in meanwhile.message
 
             with supervisord_again(sv) as back:
                 wait_all_running(back)

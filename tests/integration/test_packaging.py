@@ -35,6 +35,7 @@ from support.site import REPO, SiteRepo
 
 from agent.adapters.configfile import load_config
 from agent.adapters.host import HostFacts
+from agent.adapters.releases import ReleaseManager
 from agent.core.config import AgentConfig
 from agent.core.plan import Member
 from agent.node.pipeline import Pipeline
@@ -160,8 +161,18 @@ def test_migration_guide_takes_the_custom_json_as_it_is(tmp_path: Path) -> None:
     assert config.stack_config == json.loads(custom_json)
 
 
-def test_migration_guide_shows_the_deploy_cfg_the_renderer_writes(tmp_path: Path) -> None:
-    """The guide's inputs (web-1: 2 CPUs, 4 GB; the fleet below) give its deploy.cfg."""
+def test_migration_guide_shows_the_deploy_cfg_the_renderer_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guide's inputs (web-1: 2 CPUs, 4 GB; the fleet below; a cookbook base.cfg)
+    give its deploy.cfg."""
+    base = "[buildout]\nparts =\n\n[client1]\nrecipe = plone.recipe.zope2instance\n"
+
+    # The guide's repository is not here: its base.cfg at that revision is read as this.
+    def read_file(self: ReleaseManager, sha: str, path: str) -> str | None:
+        return base if path == "cfg/base.cfg" else None
+
+    monkeypatch.setattr(ReleaseManager, "read_file", read_file)
     config = load_config(guide_agent_config(tmp_path))
     members = (
         Member("db-1", "10.0.1.5", ("zeoserver",)),
