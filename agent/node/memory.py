@@ -53,10 +53,8 @@ class ReleaseMemory:
         report: dict[str, Any] | None = None
         redo: list[str] | None
         try:
-            if context is not None and command.hooks.has("before_restart", context):
-                # The hook may need the database (create the site, run upgrade steps).
-                await command.restarts.services()
-                await command.hooks.run("before_restart", context)
+            if context is not None:
+                await self.before_restart(context)
             report = await command.restarts.clients(delay)
             if context is not None:
                 await command.hooks.run("after_restart", context)
@@ -92,6 +90,13 @@ class ReleaseMemory:
             release=previous.name,
             revision=previous.sha,
         ).with_details(rollback_restart=again)
+
+    async def before_restart(self, context: HookContext) -> None:
+        """The ``before_restart`` hook, once the ZEO server is up: it may need the database
+        (create the site, run upgrade steps). Nothing to run, nothing brought up early."""
+        if self.command.hooks.has("before_restart", context):
+            await self.command.restarts.services()
+            await self.command.hooks.run("before_restart", context)
 
     async def mark_bad(self, release: str, reason: str) -> None:
         if not release:
@@ -133,9 +138,7 @@ class ReleaseMemory:
         # The same restart hooks as a deploy (DEPLOY_KIND=rollback); a failure marks the
         # target bad and fails the rollback, which goes no further back on its own.
         try:
-            if command.hooks.has("before_restart", context):
-                await command.restarts.services()
-                await command.hooks.run("before_restart", context)
+            await self.before_restart(context)
             report = await command.restarts.clients(None)
             await command.hooks.run("after_restart", context)
         except RestartHalted as exc:

@@ -274,20 +274,13 @@ class SupervisorRestarter:
         _try_record(mgr, dict.fromkeys(started, current.name), removed or ())
 
     async def heal(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
-        """Start, health-gated, the app's programs that are not RUNNING, and restart the
-        clients still on another release than ``current`` (a roll cut short); their names.
-        Clients already on ``current`` are left alone."""
-        client = self.client()
-        processes = await client.list_processes()
-        patterns = [*config.restart.programs, config.programs.zeoserver_name]
-        stopped = [
-            p.name
-            for p in processes
-            if any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns)
-            and p.statename != "RUNNING"
-        ]
-        behind = await self.stale(app=app, config=config, layout=layout)
-        todo = [*stopped, *(name for name in behind if name not in stopped)]
+        """Start, health-gated, the ZEO server if it is not RUNNING and the clients that do
+        not run ``current`` (``stale``: stopped, or a roll cut short); their names. Clients
+        already on ``current`` are left alone."""
+        processes = await self.client().list_processes()
+        service = config.programs.zeoserver_name
+        down = [p.name for p in processes if p.name == service and p.statename != "RUNNING"]
+        todo = [*down, *self._off_current(app, config, processes)]
         if todo:
             await self.restart(app=app, config=config, layout=layout, restart_delay=0, only=todo)
         return todo
@@ -295,26 +288,32 @@ class SupervisorRestarter:
     async def stale(self, *, app: str, config: AppConfig, layout: ClientLayout) -> list[str]:
         """The clients that do not run ``current``: not RUNNING, or started from another
         release (a restart that halted, failed or was cut short). A deploy that finds its
-        release live finishes their restart, so ``unchanged`` means every client runs it.
-        The ZEO server is not one: it keeps its release when what it runs is the same."""
+        release live finishes their restart, so ``unchanged`` means every client runs it."""
+        return self._off_current(app, config, await self.client().list_processes())
+
+    def _off_current(self, app: str, config: AppConfig, processes: list[ProcessInfo]) -> list[str]:
+        """The clients among ``processes`` not RUNNING, or running another release than
+        ``current`` when that can be told. The ZEO server is not one: it keeps its release
+        when what it runs is the same."""
         mgr = self.manager(app, config)
         current = mgr.current() if mgr is not None else None
-        if mgr is None or current is None:
-            return []
-        processes = await self.client().list_processes()
         self.refresh(mgr, processes)
-        record = mgr.recorded_programs()
-        service = config.programs.zeoserver_name
-        stale = []
-        for proc in processes:
-            if proc.name == service or not any(
-                fnmatch.fnmatchcase(proc.name, pattern) for pattern in config.restart.programs
-            ):
-                continue
+        record = mgr.recorded_programs() if mgr is not None else {}
+
+        def elsewhere(proc: ProcessInfo) -> bool:
+            if mgr is None or current is None:
+                return False
             runs = (mgr.release_of_pid(proc.pid) if proc.pid else None) or record.get(proc.name)
-            if proc.statename != "RUNNING" or (runs is not None and runs != current.name):
-                stale.append(proc.name)
-        return stale
+            return runs is not None and runs != current.name
+
+        service = config.programs.zeoserver_name
+        return [
+            proc.name
+            for proc in processes
+            if proc.name != service
+            and any(fnmatch.fnmatchcase(proc.name, p) for p in config.restart.programs)
+            and (proc.statename != "RUNNING" or elsewhere(proc))
+        ]
 
 
 def _try_record(
